@@ -1,0 +1,8 @@
+"""jaxcl: continual learning for large language models in JAX.
+
+Three chained stages (continual pretraining, instruction tuning, alignment); every method an
+optax transform, a Grain data op or an objective; recipes in YAML; Orbax checkpoints chain the
+stages.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,96 @@
+"""End to end: the quickstart recipe through all three stages, as the README runs it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jaxcl import checkpoint
+from jaxcl.data import encode_all, eval_batches
+from jaxcl.data.benchmarks import generate, kind_of
+from jaxcl.eval import make_batch_scorer, score_task
+from jaxcl.models.tokenizer import ByteTokenizer
+from jaxcl.recipe import load_recipe
+from jaxcl.train.runner import build_model
+from jaxcl.train.step import make_apply
+
+ROOT = Path(__file__).parent.parent
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    out = tmp_path_factory.mktemp("qs") / "run"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxcl.cli",
+            "run",
+            str(ROOT / "recipes/quickstart.yaml"),
+            f"out_dir={out}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, json.loads((out / "results.json").read_text()), proc.stdout
+
+
+def test_run_folder_holds_results_checkpoints_and_manifest(quickstart):
+    out, results, stdout = quickstart
+    assert [s["name"] for s in results["stages"]] == ["cpt", "cit", "align"]
+    for stage in results["stages"]:
+        steps = sorted(int(p.name) for p in (out / "checkpoints" / stage["name"]).iterdir())
+        assert len(steps) == len(stage["tasks"])  # one checkpoint per task, the last = stage end
+        assert set(stage["metrics"]) == {"op", "bwt", "bwt_trace", "fwt", "forgetting"}
+        assert len(stage["R"]) == len(stage["tasks"]) and stage["losses"]
+    manifest = json.loads((out / "manifest.json").read_text())["checkpoints"]
+    assert len(manifest) == sum(len(s["tasks"]) for s in results["stages"])
+    assert manifest[0]["parent"] is None
+    for prev, cur in zip(manifest, manifest[1:]):
+        assert cur["parent"] == prev["path"]  # lineage chains tasks and stages
+        assert cur["recipe_sha256"] == results["recipe_sha256"]
+    assert checkpoint.read_manifest(Path(manifest[-1]["path"]))["stage"] == "align"
+    assert (out / "report.md").exists() and (out / "metrics.jsonl").read_text().count("\n") > 10
+    assert "stage cit" in stdout and "bwt" in stdout
+
+
+def test_cit_learns_and_cpt_reports_per_domain_perplexity(quickstart):
+    _, results, _ = quickstart
+    cpt, cit, align = results["stages"]
+    assert cpt["metric"] == "perplexity"
+    # Each domain's perplexity falls far below its starting value once trained on ...
+    for i in range(2):
+        assert cpt["R"][i][i] < 0.05 * cpt["baseline"][i]
+    # ... and the first domain is forgotten (perplexity rises) after training on the second.
+    assert cpt["R"][1][0] > 2 * cpt["R"][0][0]
+    assert cit["metric"] == "exact_match"
+    for i in range(3):
+        assert cit["R"][i][i] >= cit["baseline"][i] + 0.5
+    assert align["R"][0][0] > align["baseline"][0]
+
+
+def test_each_stage_starts_from_the_previous_stage_checkpoint(quickstart):
+    """Stage k's baseline row is recomputed from stage k-1's final checkpoint, bit for bit."""
+    out, results, _ = quickstart
+    recipe = load_recipe(ROOT / "recipes/quickstart.yaml", [f"out_dir={out}"])
+    graphdef, init_params, _ = build_model(recipe)
+    scorer = make_batch_scorer(make_apply(graphdef))
+    for prev, stage_spec, stage in zip(results["stages"], recipe.stages[1:], results["stages"][1:]):
+        ckpt = Path(prev["checkpoint"])
+        params = checkpoint.restore_params(ckpt.parent, init_params, int(ckpt.name))
+        digest = checkpoint.params_digest(params)
+        assert digest == prev["final_params_sha256"] == stage["start_params_sha256"]
+        assert digest != checkpoint.params_digest(init_params)
+        scores = []
+        for task in stage_spec.tasks:
+            examples = generate(task.data.bundled, "eval", task.data.eval_size)
+            kind = kind_of(task.data.bundled)
+            enc = encode_all(examples, kind, ByteTokenizer(), stage_spec.seq_len)
+            batches = eval_batches(enc, stage_spec.eval_batch_size)
+            scores.append(score_task(scorer, params, batches, stage_spec.metric))
+        assert scores == stage["baseline"]
