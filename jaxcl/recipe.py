@@ -10,82 +10,30 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-import optax
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from jaxcl.data.benchmarks import GENERATORS
-from jaxcl.data.benchmarks import kind_of as bundled_kind
-from jaxcl.methods import ewc, l2_anchor
-from jaxcl.models.config import PRESETS
-from jaxcl.objectives import DPO_KINDS
+from jaxcl.data.spec import DataSpec
+from jaxcl.methods.specs import MethodSpec, method_names
+from jaxcl.models.spec import ModelSpec
+from jaxcl.objectives.spec import DpoSpec
+from jaxcl.spec import Strict
 
 
 class RecipeError(ValueError):
     """A recipe that cannot run; the message names the culprit."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-# ----------------------------------------------------------------------------- methods
-
-
-class EwcSpec(_Strict):
-    name: Literal["ewc"]
-    lam: float = Field(100.0, ge=0)
-    decay: float = Field(1.0, ge=0, le=1)
-    fisher_batches: int = Field(8, ge=1, description="batches of the task for the Fisher")
-
-    def transform(self) -> optax.GradientTransformationExtraArgs:
-        return ewc(self.lam, decay=self.decay)
-
-
-class L2AnchorSpec(_Strict):
-    name: Literal["l2_anchor"]
-    lam: float = Field(1.0, ge=0)
-
-    def transform(self) -> optax.GradientTransformationExtraArgs:
-        return l2_anchor(self.lam)
-
-
-class ReplaySpec(_Strict):
-    name: Literal["replay"]
-    ratio: float = Field(0.2, ge=0, le=1, description="fraction of each batch replayed")
-    per_task: int = Field(256, ge=1, description="examples kept from each finished task")
-
-    def transform(self) -> None:
-        return None
-
-
-MethodSpec = Annotated[EwcSpec | L2AnchorSpec | ReplaySpec, Field(discriminator="name")]
-
-
-# ----------------------------------------------------------------------------- the rest
-
-
-class ModelSpec(_Strict):
-    preset: str = "tiny"
-
-    @pydantic.field_validator("preset")
-    @classmethod
-    def _known(cls, value: str) -> str:
-        if value not in PRESETS:
-            raise ValueError(f"unknown preset {value!r}; valid choices: {', '.join(PRESETS)}")
-        return value
-
-
-class MeshSpec(_Strict):
+class MeshSpec(Strict):
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
 
 
-class OptimizerSpec(_Strict):
+class OptimizerSpec(Strict):
     name: Literal["adamw"] = "adamw"
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(10, ge=0)
@@ -97,38 +45,16 @@ class OptimizerSpec(_Strict):
     clip_norm: float | None = Field(1.0, gt=0)
 
 
-class DataSpec(_Strict):
-    bundled: str
-    train_size: int = Field(512, ge=1)
-    eval_size: int = Field(64, ge=1)
-    seed: int = 0
-
-    @pydantic.field_validator("bundled")
-    @classmethod
-    def _known(cls, value: str) -> str:
-        if value not in GENERATORS:
-            raise ValueError(
-                f"unknown bundled dataset {value!r}; valid choices: {', '.join(GENERATORS)}"
-            )
-        return value
-
-
-class TaskSpec(_Strict):
+class TaskSpec(Strict):
     name: str
     data: DataSpec
-
-
-class DpoSpec(_Strict):
-    beta: float = Field(0.1, gt=0)
-    kind: Literal[DPO_KINDS] = "sigmoid"  # type: ignore[valid-type]
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
 
 
 STAGE_DATA_KIND = {"pretrain": "text", "instruct": "instruction", "align": "preference"}
 STAGE_METRIC = {"pretrain": "perplexity", "instruct": "exact_match", "align": "pref_accuracy"}
 
 
-class StageSpec(_Strict):
+class StageSpec(Strict):
     name: str
     kind: Literal["pretrain", "instruct", "align"]
     tasks: list[TaskSpec] = Field(min_length=1)
@@ -146,10 +72,10 @@ class StageSpec(_Strict):
     def _consistent(self) -> StageSpec:
         want = STAGE_DATA_KIND[self.kind]
         for i, task in enumerate(self.tasks):
-            got = bundled_kind(task.data.bundled)
+            got = task.data.kind
             if got != want:
                 raise ValueError(
-                    f"tasks[{i}] ({task.name}): dataset {task.data.bundled!r} holds {got} "
+                    f"tasks[{i}] ({task.name}): its dataset holds {got} "
                     f"examples, but a {self.kind} stage needs {want} examples"
                 )
         names = [t.name for t in self.tasks]
@@ -169,7 +95,7 @@ class StageSpec(_Strict):
         return next((m for m in self.methods if m.name == name), None)
 
 
-class Recipe(_Strict):
+class Recipe(Strict):
     name: str
     out_dir: str
     seed: int = 0
@@ -269,7 +195,7 @@ def _describe(error: dict[str, Any]) -> tuple[tuple[Any, ...], str]:
         )
     if kind == "union_tag_not_found":
         return loc, "a method needs a 'name'"
-    methods = {"ewc", "l2_anchor", "replay"}
+    methods = set(method_names())
     loc = tuple(k for k in loc if k not in methods)
     message = error["msg"].removeprefix("Value error, ")
     return loc, message

@@ -16,29 +16,19 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from jaxcl import checkpoint, parallel
 from jaxcl.data import batched_stream, encode_all, eval_batches
-from jaxcl.data.benchmarks import generate, kind_of
 from jaxcl.eval import HIGHER_IS_BETTER, cl_metrics, make_batch_scorer, score_task
-from jaxcl.methods import consolidate, fisher_diagonal, required_estimates
-from jaxcl.models.config import preset
-from jaxcl.models.llama import Decoder
-from jaxcl.models.tokenizer import ByteTokenizer
+from jaxcl.methods import consolidate
+from jaxcl.methods.specs import Boundary
+from jaxcl.objectives.spec import stage_objective
 from jaxcl.recipe import Recipe, StageSpec
 from jaxcl.train.optim import build_chain
-from jaxcl.train.step import (
-    TrainState,
-    dpo_objective,
-    lm_objective,
-    make_apply,
-    make_train_step,
-    state_shardings_for,
-)
+from jaxcl.train.step import TrainState, make_apply, make_train_step, state_shardings_for
 
 
 @dataclass
@@ -71,18 +61,12 @@ class TaskData:
     eval: list[dict[str, np.ndarray]]
 
 
-def _encoded_split(ctx: RunContext, stage: StageSpec, data, split: str, size: int) -> list:
-    examples = generate(data.bundled, split, size, seed=data.seed)
-    return encode_all(examples, kind_of(data.bundled), ctx.tokenizer, stage.seq_len)
-
-
 def _task_data(ctx: RunContext, stage: StageSpec) -> list[TaskData]:
+    def encoded(data, split):
+        return encode_all(data.load(split), data.kind, ctx.tokenizer, stage.seq_len)
+
     return [
-        TaskData(
-            task.name,
-            _encoded_split(ctx, stage, task.data, "train", task.data.train_size),
-            _encoded_split(ctx, stage, task.data, "eval", task.data.eval_size),
-        )
+        TaskData(task.name, encoded(task.data, "train"), encoded(task.data, "eval"))
         for task in stage.tasks
     ]
 
@@ -91,100 +75,103 @@ def _score_all(ctx: RunContext, params, stage: StageSpec, eval_sets) -> list[flo
     return [score_task(ctx.scorer, params, batches, stage.metric) for batches in eval_sets]
 
 
-def _objective(ctx: RunContext, stage: StageSpec):
-    if stage.kind == "align":
-        d = stage.dpo
-        return dpo_objective(ctx.apply, beta=d.beta, kind=d.kind, label_smoothing=d.label_smoothing)
-    return lm_objective(ctx.apply)
+@dataclass
+class StageProgram:
+    """Everything compiled once per stage: chain, state, objective and the jitted step."""
+
+    tx: Any
+    state: TrainState
+    objective: Any
+    step_fn: Any
+    memory_grads: bool
+
+
+def _compile_stage(ctx: RunContext, stage: StageSpec, params, total_steps: int) -> StageProgram:
+    transforms = [t for t in (m.transform() for m in stage.methods) if t is not None]
+    tx = build_chain(ctx.recipe.stage_optimizer(stage), total_steps, transforms)
+    replicated = parallel.replicated(ctx.mesh)
+    shardings = state_shardings_for(tx, params, ctx.param_shardings, replicated)
+    init = jax.jit(
+        lambda p: TrainState(np.zeros((), np.int32), p, tx.init(p)), out_shardings=shardings
+    )
+    objective = stage_objective(stage.kind, stage.dpo, ctx.apply)
+    memory_grads = any(m.needs_memory_grads for m in stage.methods)
+    step_fn = make_train_step(
+        objective.loss_fn,
+        tx,
+        state_shardings=shardings,
+        batch_sharding=parallel.batch_sharding(ctx.mesh, ctx.rules),
+        frozen_shardings={name: ctx.param_shardings for name in objective.frozen},
+        memory_grads=memory_grads,
+    )
+    return StageProgram(tx, init(params), objective, step_fn, memory_grads)
+
+
+def _copy(tree):
+    return jax.tree.map(lambda x: x.copy(), tree)
 
 
 def run_stage(ctx: RunContext, stage: StageSpec, params, parent: str | None) -> tuple[Any, dict]:
     """Train ``stage`` from ``params``; returns the final params and the stage's results."""
     recipe = ctx.recipe
     tasks = _task_data(ctx, stage)
-    eval_sets = [eval_batches(t.eval, stage.eval_batch_size) for t in tasks]
-    eval_sets = [[ctx.put_batch(b) for b in batches] for batches in eval_sets]
+    eval_sets = [
+        [ctx.put_batch(b) for b in eval_batches(t.eval, stage.eval_batch_size)] for t in tasks
+    ]
     total_steps = stage.steps_per_task * len(tasks)
-    transforms = [t for t in (m.transform() for m in stage.methods) if t is not None]
-    tx = build_chain(recipe.stage_optimizer(stage), total_steps, transforms)
-    replicated = parallel.replicated(ctx.mesh)
-    shardings = state_shardings_for(tx, params, ctx.param_shardings, replicated)
-    init = jax.jit(
-        lambda p: TrainState(np.zeros((), np.int32), p, tx.init(p)), out_shardings=shardings
-    )
-    state = init(params)
-    loss_fn = _objective(ctx, stage)
-    # DPO's reference is the policy the stage starts from: a separate (non-donated) copy.
-    aux = (jax.tree.map(lambda x: x.copy(), params),) if stage.kind == "align" else ()
-    step_fn = make_train_step(
-        loss_fn,
-        tx,
-        state_shardings=shardings,
-        batch_sharding=parallel.batch_sharding(ctx.mesh, ctx.rules),
-        aux_shardings=tuple(ctx.param_shardings for _ in aux),
-    )
+    program = _compile_stage(ctx, stage, params, total_steps)
+    state = program.state
+    # Frozen trees are separate, never-donated copies: the stage's start is DPO's reference.
+    frozen = {"reference": _copy(params)} if "reference" in program.objective.frozen else {}
     start_digest = checkpoint.params_digest(state.params)
     baseline = _score_all(ctx, state.params, stage, eval_sets)
     R: list[list[float]] = []
     losses: list[dict[str, float]] = []
     replay = stage.method("replay")
-    pool: list[dict[str, np.ndarray]] = []
-    stage_dir = ctx.out / "checkpoints" / stage.name
-    metrics_log = (ctx.out / "metrics.jsonl").open("a")
+    keep = max((m.memory_per_task for m in stage.methods), default=0)
+    memory: list[dict[str, np.ndarray]] = []
     started = time.perf_counter()
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=ctx.console,
-        transient=True,
-    )
-    with progress, metrics_log:
-        bar = progress.add_task(f"{stage.name}", total=total_steps, loss="-")
+    with _progress(ctx.console) as progress, (ctx.out / "metrics.jsonl").open("a") as log:
+        bar = progress.add_task(stage.name, total=total_steps, loss="-")
         for t, task in enumerate(tasks):
+            if "task_start" in program.objective.frozen:
+                frozen["task_start"] = _copy(state.params)
             stream = batched_stream(
                 task.train,
                 batch_size=stage.batch_size,
                 num_batches=stage.steps_per_task,
                 seed=recipe.seed * 1_000_003 + t,
-                replay=pool,
+                replay=memory,
                 replay_ratio=replay.ratio if replay else 0.0,
             )
+            memory_stream = None
+            if program.memory_grads and memory:
+                memory_stream = batched_stream(
+                    memory,
+                    batch_size=stage.batch_size,
+                    num_batches=stage.steps_per_task,
+                    seed=recipe.seed * 1_000_003 + t + 500_009,
+                )
             for k in range(stage.steps_per_task):
-                state, metrics = step_fn(state, ctx.put_batch(stream[k]), *aux)
+                batch = ctx.put_batch(stream[k])
+                mem = None
+                if program.memory_grads:
+                    # Before any memory exists, the current batch stands in (g·g_ref ≥ 0).
+                    mem = ctx.put_batch(memory_stream[k]) if memory_stream else batch
+                state, metrics = program.step_fn(state, batch, frozen, mem)
                 if (k + 1) % recipe.log_every == 0 or k + 1 == stage.steps_per_task:
                     record = {key: float(v) for key, v in jax.device_get(metrics).items()}
                     record.update(stage=stage.name, task=task.name, step=int(state.step))
                     losses.append(record)
-                    metrics_log.write(json.dumps(record) + "\n")
+                    log.write(json.dumps(record) + "\n")
                     progress.update(bar, loss=f"{record['loss']:.3f}")
                 progress.advance(bar)
             R.append(_score_all(ctx, state.params, stage, eval_sets))
-            state = _task_boundary(ctx, stage, state, stream, loss_fn, aux)
-            if replay:
-                chosen = random.Random(f"{recipe.seed}/{stage.name}/{task.name}").sample(
-                    range(len(task.train)), min(replay.per_task, len(task.train))
-                )
-                pool.extend(task.train[i] for i in chosen)
-            manifest = {
-                "recipe": recipe.name,
-                "recipe_sha256": recipe.fingerprint(),
-                "stage": stage.name,
-                "task": task.name,
-                "task_index": t,
-                "step": int(state.step),
-                "metric": stage.metric,
-                "scores": dict(zip([x.name for x in tasks], R[-1])),
-                "parent": parent,
-            }
-            path = checkpoint.save_checkpoint(
-                stage_dir, int(state.step), state.params, state.opt_state, manifest
-            )
-            parent = str(path)
-            ctx.checkpoints.append(dict(manifest, path=str(path)))
+            state = _task_boundary(ctx, stage, state, stream, program.objective.scalar(frozen))
+            if keep:
+                rng = random.Random(f"{recipe.seed}/{stage.name}/{task.name}")
+                memory.extend(rng.sample(task.train, min(keep, len(task.train))))
+            parent = _save_task(ctx, stage, t, [x.name for x in tasks], state, R[-1], parent)
     result = {
         "name": stage.name,
         "kind": stage.kind,
@@ -202,19 +189,50 @@ def run_stage(ctx: RunContext, stage: StageSpec, params, parent: str | None) -> 
     return state.params, result
 
 
-def _task_boundary(ctx, stage: StageSpec, state: TrainState, stream, loss_fn, aux) -> TrainState:
-    """Refresh the CL state (anchors, Fisher) at the end of a task."""
-    needs = required_estimates(state.opt_state)
-    if not needs:
-        return state
-    estimates = {}
-    if any("fisher" in n for n in needs.values()):
-        ewc_spec = stage.method("ewc")
-        count = min(ewc_spec.fisher_batches if ewc_spec else 8, len(stream))
-        batches = (ctx.put_batch(stream[len(stream) - 1 - i]) for i in range(count))
-        estimates["fisher"] = fisher_diagonal(
-            lambda p, b: loss_fn(p, b, *aux)[0], state.params, batches
-        )
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+def _save_task(ctx, stage: StageSpec, t: int, names, state: TrainState, scores, parent) -> str:
+    """Checkpoint the end of task ``t`` with its manifest; returns the checkpoint folder."""
+    manifest = {
+        "recipe": ctx.recipe.name,
+        "recipe_sha256": ctx.recipe.fingerprint(),
+        "stage": stage.name,
+        "task": names[t],
+        "task_index": t,
+        "step": int(state.step),
+        "metric": stage.metric,
+        "scores": dict(zip(names, scores)),
+        "parent": parent,
+    }
+    stage_dir = ctx.out / "checkpoints" / stage.name
+    path = checkpoint.save_checkpoint(
+        stage_dir, int(state.step), state.params, state.opt_state, manifest
+    )
+    ctx.checkpoints.append(dict(manifest, path=str(path)))
+    return str(path)
+
+
+def _task_boundary(ctx, stage: StageSpec, state: TrainState, stream, loss) -> TrainState:
+    """Refresh every CL state in the chain (anchors, importances...) at the end of a task."""
+
+    def last_batches(n: int):
+        return (ctx.put_batch(stream[len(stream) - 1 - i]) for i in range(min(n, len(stream))))
+
+    boundary = Boundary(loss, state.params, last_batches, ctx.apply)
+    estimates: dict[str, Any] = {}
+    for method in stage.methods:
+        estimates.update(method.estimates(boundary))
     opt_state = consolidate(state.opt_state, params=state.params, **estimates)
     return state._replace(opt_state=opt_state)
 
@@ -237,10 +255,8 @@ def _print_stage(console: Console, result: dict) -> None:
 
 
 def build_model(recipe: Recipe):
-    """The model's graph, its parameters (pure dict) and their logical axis names."""
-    model = Decoder(preset(recipe.model.preset), rngs=nnx.Rngs(recipe.seed))
-    graphdef, state = nnx.split(model, nnx.Param)
-    return graphdef, nnx.to_pure_dict(state), parallel.param_logical_names(model)
+    """The model's graph, its parameters (pure dict), their logical axis names, the tokenizer."""
+    return recipe.model.build(recipe.seed)
 
 
 class RunDirError(RuntimeError):
@@ -275,10 +291,10 @@ def run_recipe(
     started = time.perf_counter()
     mesh = parallel.make_mesh(recipe.mesh.model_dump())
     rules = [tuple(r) for r in recipe.rules] if recipe.rules else parallel.DEFAULT_RULES
-    graphdef, params, names = build_model(recipe)
+    graphdef, params, names, tokenizer = build_model(recipe)
     param_shardings = parallel.tree_shardings(names, params, mesh, rules)
     params = jax.device_put(params, param_shardings)
-    ctx = RunContext(recipe, out, mesh, rules, graphdef, param_shardings, ByteTokenizer(), console)
+    ctx = RunContext(recipe, out, mesh, rules, graphdef, param_shardings, tokenizer, console)
     (out / "metrics.jsonl").write_text("")
     console.print(
         f"[bold]{recipe.name}[/]: {recipe.model.preset} model, "

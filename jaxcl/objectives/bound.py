@@ -1,0 +1,88 @@
+"""Objectives bound to a model: ``loss_fn(params, batch, frozen) -> (loss, metrics)``.
+
+``frozen`` is a dict of non-trained parameter trees the objective declared in ``Objective.frozen``:
+``"reference"`` (the parameters the stage started from, DPO's reference) or ``"task_start"`` (the
+parameters at the start of the current task, for distillation-style terms). The trainer supplies
+them, sharded like the policy and never donated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxcl.objectives.lm import causal_lm_loss, sequence_logps
+from jaxcl.objectives.preference import dpo_loss, dpo_rewards
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+FROZEN_KINDS = ("reference", "task_start")
+
+
+@dataclass(frozen=True)
+class Objective:
+    loss_fn: Callable[[Any, Batch, dict[str, Any]], tuple[jax.Array, Metrics]]
+    frozen: tuple[str, ...] = ()
+
+    def scalar(self, frozen: dict[str, Any]) -> Callable[[Any, Batch], jax.Array]:
+        """``loss(params, batch) -> scalar`` with ``frozen`` bound (for importance estimators)."""
+        return lambda params, batch: self.loss_fn(params, batch, frozen)[0]
+
+
+def lm_objective(apply: Callable[..., jax.Array]) -> Objective:
+    """Masked causal-LM loss on ``batch = {tokens [B, L+1], loss_mask [B, L+1]}``."""
+
+    def loss_fn(params, batch: Batch, frozen) -> tuple[jax.Array, Metrics]:
+        del frozen
+        tokens = batch["tokens"]
+        logits = apply(params, tokens[:, :-1])
+        loss = causal_lm_loss(logits, tokens[:, 1:], batch["loss_mask"][:, 1:])
+        return loss, {"loss": loss}
+
+    return Objective(loss_fn)
+
+
+def pair_logps(apply, params, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """Summed response log-probs of the chosen and rejected sequences, in one forward pass."""
+    tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]], axis=0)
+    mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)
+    logps = sequence_logps(apply(params, tokens[:, :-1]), tokens[:, 1:], mask[:, 1:])
+    half = batch["chosen_tokens"].shape[0]
+    return logps[:half], logps[half:]
+
+
+def dpo_objective(
+    apply, *, beta: float, kind: str = "sigmoid", label_smoothing: float = 0.0
+) -> Objective:
+    """DPO against the frozen ``reference``; reports TRL's reward metrics."""
+
+    def loss_fn(params, batch: Batch, frozen) -> tuple[jax.Array, Metrics]:
+        chosen, rejected = pair_logps(apply, params, batch)
+        ref_chosen, ref_rejected = jax.lax.stop_gradient(
+            pair_logps(apply, frozen["reference"], batch)
+        )
+        losses = dpo_loss(
+            chosen,
+            rejected,
+            ref_chosen,
+            ref_rejected,
+            beta=beta,
+            kind=kind,
+            label_smoothing=label_smoothing,
+        )
+        r_chosen = dpo_rewards(chosen, ref_chosen, beta=beta)
+        r_rejected = dpo_rewards(rejected, ref_rejected, beta=beta)
+        loss = jnp.mean(losses)
+        return loss, {
+            "loss": loss,
+            "rewards/chosen": jnp.mean(r_chosen),
+            "rewards/rejected": jnp.mean(r_rejected),
+            "rewards/margin": jnp.mean(r_chosen - r_rejected),
+            "rewards/accuracy": jnp.mean((r_chosen > r_rejected).astype(jnp.float32)),
+        }
+
+    return Objective(loss_fn, frozen=("reference",))
