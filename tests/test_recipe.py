@@ -51,7 +51,7 @@ def test_quickstart_validates_with_overrides():
         ),
         (
             lambda r: r["stages"][0]["tasks"][0]["data"].update(bundled="cit/sentiment"),
-            r"stages\[0\]: tasks\[0\] \(recipes\): dataset 'cit/sentiment' holds instruction",
+            r"stages\[0\]: tasks\[0\] \(recipes\): its dataset holds instruction examples",
         ),
         (
             lambda r: r["stages"][0].update(epochs=3),
