@@ -23,29 +23,38 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+ITEMS = ("params", "opt_state", "frozen", "manifest")
+
 
 def _manager(stage_dir: Path) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         stage_dir.absolute(),
-        item_names=("params", "opt_state", "manifest"),
+        item_names=ITEMS,
         options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
     )
 
 
 def save_checkpoint(
-    stage_dir: Path, step: int, params: Any, opt_state: Any, manifest: dict[str, Any]
+    stage_dir: Path,
+    step: int,
+    params: Any,
+    opt_state: Any,
+    manifest: dict[str, Any],
+    frozen: dict[str, Any] | None = None,
 ) -> Path:
-    """Write params, optimizer state and manifest as checkpoint ``step``; returns its folder."""
+    """Write params, optimizer state, frozen trees (DPO reference...) and the manifest as
+    checkpoint ``step``; returns its folder. An existing checkpoint ``step`` is replaced."""
+    items = {
+        "params": ocp.args.StandardSave(params),
+        "opt_state": ocp.args.StandardSave(opt_state),
+        "manifest": ocp.args.JsonSave(dict(manifest, frozen=sorted(frozen or {}))),
+    }
+    if frozen:
+        items["frozen"] = ocp.args.StandardSave(frozen)
     with _manager(stage_dir) as mgr:
-        mgr.save(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params),
-                opt_state=ocp.args.StandardSave(opt_state),
-                manifest=ocp.args.JsonSave(manifest),
-            ),
-            force=True,
-        )
+        if step in mgr.all_steps():
+            mgr.delete(step)
+        mgr.save(step, args=ocp.args.Composite(**items), force=True)
         mgr.wait_until_finished()
     return stage_dir / str(step)
 
@@ -57,11 +66,23 @@ def _abstract(tree: Any) -> Any:
     )
 
 
-def latest_step(stage_dir: Path) -> int | None:
+def all_steps(stage_dir: Path) -> list[int]:
+    """Committed checkpoint steps of a stage, ascending (half-written ones are not listed)."""
     if not stage_dir.exists():
-        return None
+        return []
     with _manager(stage_dir) as mgr:
-        return mgr.latest_step()
+        return sorted(mgr.all_steps())
+
+
+def latest_step(stage_dir: Path) -> int | None:
+    steps = all_steps(stage_dir)
+    return steps[-1] if steps else None
+
+
+def delete_steps(stage_dir: Path, steps: list[int]) -> None:
+    with _manager(stage_dir) as mgr:
+        for step in steps:
+            mgr.delete(step)
 
 
 def restore_params(stage_dir: Path, like: Any, step: int | None = None) -> Any:
@@ -76,17 +97,24 @@ def restore_params(stage_dir: Path, like: Any, step: int | None = None) -> Any:
     return restored.params
 
 
-def restore_state(stage_dir: Path, params_like: Any, opt_state_like: Any, step: int) -> tuple:
-    """Parameters and optimizer state of checkpoint ``step``."""
-    with _manager(stage_dir) as mgr:
-        restored = mgr.restore(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(_abstract(params_like)),
-                opt_state=ocp.args.StandardRestore(_abstract(opt_state_like)),
-            ),
+def restore_checkpoint(
+    stage_dir: Path, step: int, params_like: Any, opt_state_like: Any
+) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
+    """``(params, opt_state, frozen, manifest)`` of checkpoint ``step``; frozen trees are shaped
+    and sharded like the parameters."""
+    manifest = read_manifest(stage_dir / str(step))
+    items = {
+        "params": ocp.args.StandardRestore(_abstract(params_like)),
+        "opt_state": ocp.args.StandardRestore(_abstract(opt_state_like)),
+    }
+    if manifest.get("frozen"):
+        items["frozen"] = ocp.args.StandardRestore(
+            {name: _abstract(params_like) for name in manifest["frozen"]}
         )
-    return restored.params, restored.opt_state
+    with _manager(stage_dir) as mgr:
+        restored = mgr.restore(step, args=ocp.args.Composite(**items))
+    frozen = dict(restored.frozen) if manifest.get("frozen") else {}
+    return restored.params, restored.opt_state, frozen, manifest
 
 
 def read_manifest(checkpoint_dir: Path) -> dict[str, Any]:

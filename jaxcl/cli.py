@@ -31,7 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", help="path to a recipe YAML file")
     run.add_argument("overrides", nargs="*", help="key.path=value overrides of recipe fields")
     run.add_argument(
-        "--overwrite", action="store_true", help="replace another recipe's run in out_dir"
+        "--overwrite",
+        action="store_true",
+        help="start afresh, replacing the run in out_dir (by default a run of the same recipe "
+        "resumes from its latest checkpoint, and another recipe's run is refused)",
     )
 
     sub.add_parser(
@@ -77,7 +80,7 @@ def _report(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from jaxcl.recipe import RecipeError
-    from jaxcl.train.runner import RunDirError
+    from jaxcl.train.runner import RunDirError, TrainingDiverged
 
     handlers = {"run": _run, "methods": _methods, "report": _report}
     try:
@@ -85,6 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RecipeError, RunDirError, FileNotFoundError) as err:
         print(f"jaxcl {args.command}: {err}", file=sys.stderr)
         return 2
+    except TrainingDiverged as err:
+        print(f"jaxcl {args.command}: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -104,6 +104,9 @@ class Recipe(Strict):
     rules: list[tuple[str, str | list[str] | None]] | None = None
     optimizer: OptimizerSpec = OptimizerSpec()
     log_every: int = Field(10, ge=1)
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="also checkpoint every N steps inside tasks (for resumption)"
+    )
     stages: list[StageSpec] = Field(min_length=1)
 
     @pydantic.model_validator(mode="after")

@@ -22,10 +22,10 @@ from jaxcl.train import runner
 recipe = load_recipe(sys.argv[1], sys.argv[2:])
 seen = {}
 original = runner.run_stage
-def spy(ctx, stage, params, parent):
+def spy(ctx, stage, params, parent, cursor=None):
     gate = params["layers"][0]["mlp"]["gate"]
     seen[stage.name] = [str(gate.sharding.spec), len(gate.sharding.device_set)]
-    return original(ctx, stage, params, parent)
+    return original(ctx, stage, params, parent, cursor)
 runner.run_stage = spy
 results = runner.run_recipe(recipe)
 print("SHARDING" + json.dumps(seen))

@@ -28,7 +28,7 @@ def _pack(prefix: list[int], target: list[int], seq_len: int) -> tuple[np.ndarra
     ids = (prefix + target)[: seq_len + 1]
     mask = ([0] * len(prefix) + [1] * len(target))[: seq_len + 1]
     tokens = np.zeros(seq_len + 1, np.int32)
-    loss_mask = np.zeros(seq_len + 1, np.int32)
+    loss_mask = np.zeros(seq_len + 1, np.float32)
     tokens[: len(ids)] = ids
     loss_mask[: len(mask)] = mask
     return tokens, loss_mask

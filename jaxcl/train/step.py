@@ -54,7 +54,7 @@ def make_train_step(
             extra["memory_grads"] = grad_fn(state.params, memory, frozen)[1]
         updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
         return TrainState(state.step + 1, params, opt_state), metrics
 
     if state_shardings is None:
