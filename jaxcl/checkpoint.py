@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-ITEMS = ("params", "opt_state", "frozen", "manifest")
+ITEMS = ("params", "opt_state", "frozen", "replay", "manifest")
 
 
 def _manager(stage_dir: Path) -> ocp.CheckpointManager:
@@ -41,9 +41,11 @@ def save_checkpoint(
     opt_state: Any,
     manifest: dict[str, Any],
     frozen: dict[str, Any] | None = None,
+    replay: dict[str, np.ndarray] | None = None,
 ) -> Path:
-    """Write params, optimizer state, frozen trees (DPO reference...) and the manifest as
-    checkpoint ``step``; returns its folder. An existing checkpoint ``step`` is replaced."""
+    """Write params, optimizer state, frozen trees (DPO reference...), the replay buffer's
+    arrays and the manifest as checkpoint ``step``; returns its folder. An existing checkpoint
+    ``step`` is replaced."""
     items = {
         "params": ocp.args.StandardSave(params),
         "opt_state": ocp.args.StandardSave(opt_state),
@@ -51,6 +53,8 @@ def save_checkpoint(
     }
     if frozen:
         items["frozen"] = ocp.args.StandardSave(frozen)
+    if replay:
+        items["replay"] = ocp.args.StandardSave(replay)
     with _manager(stage_dir) as mgr:
         if step in mgr.all_steps():
             mgr.delete(step)
@@ -99,9 +103,9 @@ def restore_params(stage_dir: Path, like: Any, step: int | None = None) -> Any:
 
 def restore_checkpoint(
     stage_dir: Path, step: int, params_like: Any, opt_state_like: Any
-) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
-    """``(params, opt_state, frozen, manifest)`` of checkpoint ``step``; frozen trees are shaped
-    and sharded like the parameters."""
+) -> tuple[Any, Any, dict[str, Any], dict[str, np.ndarray] | None, dict[str, Any]]:
+    """``(params, opt_state, frozen, replay arrays, manifest)`` of checkpoint ``step``; frozen
+    trees are shaped and sharded like the parameters, replay arrays come back as numpy."""
     manifest = read_manifest(stage_dir / str(step))
     items = {
         "params": ocp.args.StandardRestore(_abstract(params_like)),
@@ -111,10 +115,15 @@ def restore_checkpoint(
         items["frozen"] = ocp.args.StandardRestore(
             {name: _abstract(params_like) for name in manifest["frozen"]}
         )
+    if manifest.get("replay"):
+        items["replay"] = ocp.args.StandardRestore()
     with _manager(stage_dir) as mgr:
         restored = mgr.restore(step, args=ocp.args.Composite(**items))
     frozen = dict(restored.frozen) if manifest.get("frozen") else {}
-    return restored.params, restored.opt_state, frozen, manifest
+    replay = None
+    if manifest.get("replay"):
+        replay = {k: np.asarray(v) for k, v in restored.replay.items()}
+    return restored.params, restored.opt_state, frozen, replay, manifest
 
 
 def read_manifest(checkpoint_dir: Path) -> dict[str, Any]:

@@ -17,6 +17,14 @@ EXAMPLES = {
   jaxcl run recipes/quickstart.yaml 'stages.0.methods=[{name: l2_anchor, lam: 1.0}]'""",
     "methods": "example:\n  jaxcl methods",
     "report": "example:\n  jaxcl report runs/quickstart",
+    "convert": """examples:
+  jaxcl convert /path/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/smollm2-hf
+  jaxcl convert /tmp/smollm2-hf /tmp/smollm2.gguf --dtype float32""",
+    "bench": """examples:
+  jaxcl bench --preset tiny --batch 8 --seq 256
+  jaxcl bench --preset tiny --method ewc --method agem
+  jaxcl bench --preset smollm2-135m --batch 4 --seq 256 --compare torch
+  jaxcl bench --load smollm2-135m-instruct   # load time and forward tokens/s of real weights""",
 }
 
 
@@ -47,6 +55,31 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     report.add_argument("run_dir")
+
+    bench = sub.add_parser(
+        "bench", help="time the train step", epilog=EXAMPLES["bench"], formatter_class=fmt
+    )
+    bench.add_argument("--preset", default="tiny", help="model preset (shape)")
+    bench.add_argument("--batch", type=int, default=8, help="sequences per step")
+    bench.add_argument("--seq", type=int, default=256, help="tokens per sequence")
+    bench.add_argument("--method", action="append", default=[], help="add a CL method (repeatable)")
+    bench.add_argument("--compare", choices=["torch"], help="also time transformers + torch")
+    bench.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    bench.add_argument("--warmup", type=int, default=2, help="untimed steps, compile included")
+    bench.add_argument("--peak-flops", type=float, help="device peak FLOP/s, for MFU")
+    bench.add_argument(
+        "--load", metavar="SOURCE", help="instead: time loading SOURCE and its forward pass"
+    )
+
+    convert = sub.add_parser(
+        "convert",
+        help="convert between HF directories and GGUF files",
+        epilog=EXAMPLES["convert"],
+        formatter_class=fmt,
+    )
+    convert.add_argument("src", help="HF directory, .gguf file or preset name")
+    convert.add_argument("dst", help="output: a directory (HF) or a path ending in .gguf")
+    convert.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     return parser
 
 
@@ -77,15 +110,63 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from jaxcl.bench import bench, format_table
+
+    if args.load:
+        from jaxcl.models.bench import bench_model
+
+        figures = bench_model(args.load, batch=args.batch, seq=args.seq, steps=args.steps)
+        for key, value in figures.items():
+            print(f"{key}: {value}")
+        return 0
+
+    timings = bench(
+        args.preset,
+        batch_size=args.batch,
+        seq_len=args.seq,
+        methods=args.method,
+        compare_torch=args.compare == "torch",
+        warmup=args.warmup,
+        steps=args.steps,
+        peak_flops=args.peak_flops,
+    )
+    title = (
+        f"jaxcl bench: preset {args.preset}, batch {args.batch}x{args.seq}, "
+        f"{jax_devices()} (median of {args.steps} steps)"
+    )
+    print(format_table(timings, title))
+    return 0
+
+
+def jax_devices() -> str:
+    import jax
+
+    devices = jax.devices()
+    return f"{len(devices)} x {devices[0].device_kind}"
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from jaxcl.convert import convert_main
+
+    return convert_main(args.src, args.dst, dtype=args.dtype)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from jaxcl.recipe import RecipeError
     from jaxcl.train.runner import RunDirError, TrainingDiverged
 
-    handlers = {"run": _run, "methods": _methods, "report": _report}
+    handlers = {
+        "run": _run,
+        "methods": _methods,
+        "report": _report,
+        "bench": _bench,
+        "convert": _convert,
+    }
     try:
         return handlers[args.command](args)
-    except (RecipeError, RunDirError, FileNotFoundError) as err:
+    except (RecipeError, RunDirError, FileNotFoundError, ValueError) as err:
         print(f"jaxcl {args.command}: {err}", file=sys.stderr)
         return 2
     except TrainingDiverged as err:

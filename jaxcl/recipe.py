@@ -17,9 +17,16 @@ import yaml
 from pydantic import Field
 
 from jaxcl.data.spec import DataSpec
-from jaxcl.methods.specs import MethodSpec, method_names
+from jaxcl.methods.specs import MethodSpec, method_names, validate_methods
 from jaxcl.models.spec import ModelSpec
-from jaxcl.objectives.spec import DpoSpec
+from jaxcl.objectives.spec import (
+    DpoSpec,
+    ReferenceSpec,
+    TermList,
+    check_terms,
+    compile_objective,
+    term_names,
+)
 from jaxcl.spec import Strict
 
 
@@ -63,13 +70,36 @@ class StageSpec(Strict):
     batch_size: int = Field(ge=1)
     seq_len: int = Field(ge=8)
     eval_batch_size: int = Field(64, ge=1)
+    grad_accum: int = Field(
+        1, ge=1, description="micro-batches per step (batch_size must divide by it)"
+    )
     optimizer: dict[str, Any] = Field(
         default_factory=dict, description="overrides of the recipe's optimizer for this stage"
     )
     dpo: DpoSpec = DpoSpec()
+    terms: TermList = Field(
+        default_factory=list,
+        description="the objective as weighted terms (lm, dpo, orpo, cppo, kl, distill); "
+        "default: lm, or dpo (from `dpo`) in align stages",
+    )
+    reference: ReferenceSpec = ReferenceSpec()
+
+    @pydantic.model_validator(mode="after")
+    def _objective(self) -> StageSpec:
+        check_terms(self.kind, list(self.terms), self.reference, "dpo" in self.model_fields_set)
+        return self
+
+    def build_objective(self, apply: Any) -> Any:
+        """The stage's :class:`~jaxcl.objectives.bound.Objective` for model ``apply``."""
+        return compile_objective(self.kind, self.terms, self.reference, self.dpo, apply)
 
     @pydantic.model_validator(mode="after")
     def _consistent(self) -> StageSpec:
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of "
+                f"grad_accum ({self.grad_accum})"
+            )
         want = STAGE_DATA_KIND[self.kind]
         for i, task in enumerate(self.tasks):
             got = task.data.kind
@@ -81,9 +111,7 @@ class StageSpec(Strict):
         names = [t.name for t in self.tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"task names must be unique within a stage, got {names}")
-        methods = [m.name for m in self.methods]
-        if len(set(methods)) != len(methods):
-            raise ValueError(f"a method may appear once per stage, got {methods}")
+        validate_methods(self.methods)
         OptimizerSpec(**self.optimizer)  # an unknown or mistyped override fails here
         return self
 
@@ -104,6 +132,12 @@ class Recipe(Strict):
     rules: list[tuple[str, str | list[str] | None]] | None = None
     optimizer: OptimizerSpec = OptimizerSpec()
     log_every: int = Field(10, ge=1)
+    probes: bool = Field(
+        True, description="score the general/instruction/safety probe suites around every stage"
+    )
+    peak_flops_per_device: float | None = Field(
+        None, gt=0, description="peak FLOP/s of one device, to log model FLOPs utilisation"
+    )
     checkpoint_every: int | None = Field(
         None, ge=1, description="also checkpoint every N steps inside tasks (for resumption)"
     )
@@ -122,8 +156,11 @@ class Recipe(Strict):
         )
 
     def fingerprint(self) -> str:
-        """sha256 of the validated recipe (overrides applied), for checkpoint manifests."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """sha256 of what determines the run's results: the validated recipe (overrides applied)
+        without where it is stored and how it is laid out on devices (``out_dir``, ``mesh``,
+        ``rules``, ``checkpoint_every``), so a run can resume on another mesh or folder."""
+        placement = {"out_dir", "mesh", "rules", "checkpoint_every"}
+        canonical = json.dumps(self.model_dump(mode="json", exclude=placement), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -198,8 +235,8 @@ def _describe(error: dict[str, Any]) -> tuple[tuple[Any, ...], str]:
         )
     if kind == "union_tag_not_found":
         return loc, "a method needs a 'name'"
-    methods = set(method_names())
-    loc = tuple(k for k in loc if k not in methods)
+    tags = set(method_names()) | set(term_names())
+    loc = tuple(k for k in loc if k not in tags)
     message = error["msg"].removeprefix("Value error, ")
     return loc, message
 

@@ -33,6 +33,32 @@ def stage_markdown(stage: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def probes_markdown(probes: dict[str, Any]) -> str:
+    """The cross-stage probe table and the survey's deltas ΔR^G, ΔR^I, ΔR^S."""
+    lines = [
+        "## Cross-stage forgetting",
+        "",
+        "Probe suites scored before the first stage and after each stage.",
+        "",
+        "| after | R^G (general) | R^I (instruction) | R^S (safety) |",
+        "|---|---|---|---|",
+    ]
+    for i, row in enumerate(probes["scores"]):
+        label = "start" if i == 0 else f"stage {i}"
+        values = " | ".join(f"{row[k]:.3f}" for k in ("general", "instruction", "safety"))
+        lines.append(f"| {label} | {values} |")
+    deltas = ", ".join(
+        f"{name} = {probes[key]:+.3f}"
+        for name, key in (
+            ("ΔR^G", "delta_general"),
+            ("ΔR^I", "delta_instruction"),
+            ("ΔR^S", "delta_safety"),
+        )
+    )
+    lines += ["", f"Deltas after the last stage: {deltas}.", ""]
+    return "\n".join(lines)
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write ``RUN_DIR/report.md`` from ``RUN_DIR/results.json``; returns its path."""
     run_dir = Path(run_dir)
@@ -47,6 +73,8 @@ def write_report(run_dir: str | Path) -> Path:
         "",
     ]
     parts += [stage_markdown(stage) for stage in results["stages"]]
+    if results.get("probes"):
+        parts.append(probes_markdown(results["probes"]))
     out = run_dir / "report.md"
     out.write_text("\n".join(parts))
     return out

@@ -31,7 +31,8 @@ def test_quickstart_validates_with_overrides():
         (
             lambda r: r["stages"][0]["methods"][0].update(name="ewk"),
             r"stages\[0\]\.methods\[0\]\.name: unknown method ewk; "
-            r"valid choices: ewc, l2_anchor, replay",
+            r"valid choices: ewc, l2_anchor, mas, si, recadam, agem, ogd, gpm, o_lora, freeze, "
+            r"packnet, soft_mask, replay",
         ),
         (
             lambda r: r["stages"][1].pop("steps_per_task"),

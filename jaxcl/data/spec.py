@@ -1,39 +1,291 @@
-"""Recipe entry for a task's data, and loading it as a list of examples."""
+"""Recipe entry for a task's data, and loading it as a list of examples.
+
+A task's data is either a bundled generated dataset (``bundled: cit/capitals``) or a ``source``
+naming real files, discriminated by ``type``::
+
+    data: {bundled: cit/capitals, train_size: 512}
+    data:
+      source: {type: jsonl, kind: instruction, train: data/qa/, eval: data/qa_eval.jsonl,
+               fields: {prompt: question, response: answer}}
+    data: {source: {type: parquet, kind: text, train: corpus.parquet, fields: {text: body}}}
+    data: {source: {type: tfds, kind: instruction, name: my_set, data_dir: ~/tfds,
+                    prompt_template: "Review: {text}\\nSentiment:", fields: {label: label},
+                    label_names: [negative, positive]}}
+    data: {source: {type: trace, root: LLM-CL-Benchmark_500, task: FOMC}}
+    data: {source: {type: olora, root: CL_Benchmark, task: dbpedia}}
+    data: {source: {type: memory, kind: text, train: [{text: ...}, ...]}}
+
+Without an ``eval`` location, ``eval_size`` examples are held out of the training data (a seeded
+draw). ``train_size`` / ``eval_size`` cap a source's splits only when given.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import random
+from typing import Annotated, Any, Literal
 
+import grain
 import pydantic
 from pydantic import Field
 
-from jaxcl.data.benchmarks import GENERATORS, generate, kind_of
+from jaxcl.data.benchmarks import BUNDLED, generate, kind_of
+from jaxcl.data.layouts import read_olora, read_trace
+from jaxcl.data.sources import (
+    CANONICAL,
+    ExampleSource,
+    FieldMap,
+    JsonArrayReader,
+    JsonlReader,
+    MemoryReader,
+    ParquetReader,
+    TfdsReader,
+)
 from jaxcl.spec import Strict
+
+Kind = Literal["text", "instruction", "preference"]
+
+
+class _Mapped(Strict):
+    """Shared by the generic sources: the example kind and how to find its fields."""
+
+    kind: Kind
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="canonical field (text, prompt, response, messages, label, chosen, "
+        "rejected) -> source field name (a.b for nested)",
+    )
+    prompt_template: str | None = None
+    label_names: list[str] | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _mappable(self) -> _Mapped:
+        unknown = set(self.fields) - set(CANONICAL[self.kind])
+        if unknown:
+            raise ValueError(
+                f"fields: {', '.join(sorted(unknown))} cannot be mapped for {self.kind} data; "
+                f"valid names: {', '.join(CANONICAL[self.kind])}"
+            )
+        return self
+
+    def field_map(self) -> FieldMap:
+        return FieldMap(self.fields, self.prompt_template, self.label_names)
+
+    def reader(self, split: str) -> Any:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def has_split(self, split: str) -> bool:
+        return split == "train" or getattr(self, "eval", None) is not None
+
+    def source(self, split: str) -> ExampleSource:
+        return ExampleSource(self.reader(split), self.kind, self.field_map())
+
+    def examples(self, split: str) -> list[dict[str, Any]]:
+        return self.source(split).all()
+
+
+class _Files(_Mapped):
+    train: str
+    eval: str | None = None
+
+    def _path(self, split: str) -> str:
+        return self.train if split == "train" else self.eval  # type: ignore[return-value]
+
+
+class JsonlSourceSpec(_Files):
+    """JSON lines: a file, or a folder of ``*.jsonl`` / ``*.json`` JSON-lines files."""
+
+    type: Literal["jsonl"]
+
+    def reader(self, split: str) -> JsonlReader:
+        return JsonlReader(self._path(split))
+
+
+class JsonSourceSpec(_Files):
+    """JSON files that each hold an array of records (a file or a folder)."""
+
+    type: Literal["json"]
+
+    def reader(self, split: str) -> JsonArrayReader:
+        return JsonArrayReader(self._path(split))
+
+
+class ParquetSourceSpec(_Files):
+    """Parquet: a file or a folder of ``*.parquet`` files."""
+
+    type: Literal["parquet"]
+
+    def reader(self, split: str) -> ParquetReader:
+        return ParquetReader(self._path(split))
+
+
+class TfdsSourceSpec(_Mapped):
+    """A prepared TFDS dataset, read through ``as_data_source`` (array_record)."""
+
+    type: Literal["tfds"]
+    name: str | None = None
+    data_dir: str | None = None
+    builder_dir: str | None = None
+    train_split: str = "train"
+    eval_split: str | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _one(self) -> TfdsSourceSpec:
+        if (self.name is None) == (self.builder_dir is None):
+            raise ValueError("a tfds source needs exactly one of name or builder_dir")
+        return self
+
+    def has_split(self, split: str) -> bool:
+        return split == "train" or self.eval_split is not None
+
+    def reader(self, split: str) -> TfdsReader:
+        return TfdsReader(
+            split=self.train_split if split == "train" else self.eval_split,  # type: ignore[arg-type]
+            name=self.name,
+            data_dir=self.data_dir,
+            builder_dir=self.builder_dir,
+        )
+
+
+class MemorySourceSpec(_Mapped):
+    """Records given inline (in the recipe or from Python)."""
+
+    type: Literal["memory"]
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]] | None = None
+
+    def reader(self, split: str) -> MemoryReader:
+        records = self.train if split == "train" else self.eval
+        return MemoryReader(records or [], f"in-memory {split} data")
+
+
+class TraceSourceSpec(Strict):
+    """One task of the TRACE benchmark layout (``ROOT/<Task>/{train,eval,test}.json``)."""
+
+    type: Literal["trace"]
+    root: str
+    task: str
+    eval_split: Literal["eval", "test"] = "eval"
+    kind: Literal["instruction"] = "instruction"
+
+    def has_split(self, split: str) -> bool:
+        return True
+
+    def examples(self, split: str) -> list[dict[str, Any]]:
+        return read_trace(self.root, self.task, "train" if split == "train" else self.eval_split)
+
+    def source(self, split: str) -> ExampleSource:
+        return ExampleSource(MemoryReader(self.examples(split)), "instruction")
+
+
+class OLoraSourceSpec(Strict):
+    """One task of the standard CL benchmark in O-LoRA's ``CL_Benchmark`` layout."""
+
+    type: Literal["olora"]
+    root: str
+    task: str
+    eval_split: Literal["dev", "test"] = "test"
+    instruction: str | None = None
+    kind: Literal["instruction"] = "instruction"
+
+    def has_split(self, split: str) -> bool:
+        return True
+
+    def examples(self, split: str) -> list[dict[str, Any]]:
+        s = "train" if split == "train" else self.eval_split
+        return read_olora(self.root, self.task, s, self.instruction)
+
+    def source(self, split: str) -> ExampleSource:
+        return ExampleSource(MemoryReader(self.examples(split)), "instruction")
+
+
+SourceSpec = Annotated[
+    JsonlSourceSpec
+    | JsonSourceSpec
+    | ParquetSourceSpec
+    | TfdsSourceSpec
+    | MemorySourceSpec
+    | TraceSourceSpec
+    | OLoraSourceSpec,
+    Field(discriminator="type"),
+]
 
 
 class DataSpec(Strict):
-    """A bundled, generated dataset (``cpt/recipes``, ``cit/capitals``...)."""
+    """A bundled, generated dataset (``cpt/recipes``, ``cit/capitals``...) or a real ``source``."""
 
-    bundled: str
+    bundled: str | None = None
+    source: SourceSpec | None = None
     train_size: int = Field(512, ge=1)
     eval_size: int = Field(64, ge=1)
     seed: int = 0
 
     @pydantic.field_validator("bundled")
     @classmethod
-    def _known(cls, value: str) -> str:
-        if value not in GENERATORS:
+    def _known(cls, value: str | None) -> str | None:
+        if value is not None and value not in BUNDLED:
             raise ValueError(
-                f"unknown bundled dataset {value!r}; valid choices: {', '.join(GENERATORS)}"
+                f"unknown bundled dataset {value!r}; valid choices: {', '.join(BUNDLED)}"
             )
         return value
+
+    @pydantic.model_validator(mode="after")
+    def _exactly_one(self) -> DataSpec:
+        if (self.bundled is None) == (self.source is None):
+            raise ValueError("data needs exactly one of bundled (a generated dataset) or source")
+        return self
+
+    @pydantic.model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        # Leave out the unused alternative, so a bundled recipe dumps (and fingerprints) exactly
+        # as it did before sources existed.
+        data = handler(self)
+        for key in ("bundled", "source"):
+            if getattr(self, key) is None:
+                data.pop(key, None)
+        return data
 
     @property
     def kind(self) -> str:
         """``text``, ``instruction`` or ``preference``."""
-        return kind_of(self.bundled)
+        if self.bundled is not None:
+            return kind_of(self.bundled)
+        return self.source.kind  # type: ignore[union-attr]
 
     def load(self, split: str) -> list[dict[str, Any]]:
         """The examples of ``split`` (``train`` or ``eval``)."""
-        size = self.train_size if split == "train" else self.eval_size
-        return generate(self.bundled, split, size, seed=self.seed)
+        if split not in ("train", "eval"):
+            raise ValueError(f"unknown split {split!r}; valid splits: train, eval")
+        if self.bundled is not None:
+            size = self.train_size if split == "train" else self.eval_size
+            return generate(self.bundled, split, size, seed=self.seed)
+        src = self.source
+        assert src is not None
+        if src.has_split("eval"):
+            examples = src.examples(split)
+        else:
+            examples = self._held_out(split)
+        cap = {"train": "train_size", "eval": "eval_size"}[split]
+        if cap in self.model_fields_set:
+            examples = examples[: getattr(self, cap)]
+        return examples
+
+    def _held_out(self, split: str) -> list[dict[str, Any]]:
+        every = self.source.examples("train")  # type: ignore[union-attr]
+        if len(every) <= self.eval_size:
+            raise ValueError(
+                f"data: the source has {len(every)} training examples and no eval location; "
+                f"holding out eval_size={self.eval_size} would leave none to train on "
+                "(give source.eval or a smaller eval_size)"
+            )
+        order = list(range(len(every)))
+        random.Random(f"holdout/{self.seed}").shuffle(order)
+        chosen = order[: self.eval_size] if split == "eval" else sorted(order[self.eval_size :])
+        return [every[i] for i in chosen]
+
+    def dataset(self, split: str) -> grain.MapDataset:
+        """The examples of ``split`` as a Grain ``MapDataset`` (lazy for file sources)."""
+        if self.bundled is None and self.source.has_split("eval"):  # type: ignore[union-attr]
+            ds = grain.MapDataset.source(self.source.source(split))  # type: ignore[union-attr]
+            cap = "train_size" if split == "train" else "eval_size"
+            return ds[: getattr(self, cap)] if cap in self.model_fields_set else ds
+        return grain.MapDataset.source(self.load(split))

@@ -1,9 +1,41 @@
-"""Decoder configuration and built-in presets."""
+"""Decoder configuration, built-in presets, and the mapping to and from Hugging Face configs.
+
+One :class:`ModelConfig` covers the Llama family: Llama 2 and 3 (with Llama 3 / linear rope
+scaling), Mistral (uniform sliding window), Qwen2 (q/k/v biases) and SmolLM2 (tied embeddings).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
+
+import numpy as np
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Rotary frequency scaling (``rope_type`` of transformers): ``linear`` or ``llama3``.
+
+    ``linear``: ``inv_freq / factor``. ``llama3``: wavelengths ``λ = 2π / inv_freq`` above
+    ``L / low_freq_factor`` are divided by ``factor``, those below ``L / high_freq_factor`` kept,
+    and in between interpolated with ``s = (L/λ − low) / (high − low)``:
+    ``(1 − s)·inv_freq/factor + s·inv_freq``, where ``L = original_max_position_embeddings``.
+    """
+
+    kind: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("linear", "llama3"):
+            raise ValueError(
+                f"rope scaling {self.kind!r} is not supported (supported: linear, llama3)"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -11,7 +43,17 @@ class ModelConfig:
     """One config for the Llama-style decoder family.
 
     ``num_kv_heads < num_heads`` gives grouped-query attention; ``tie_embeddings`` reuses the input
-    embedding as the output projection (SmolLM2 style).
+    embedding as the output projection (SmolLM2 style); ``qkv_bias`` adds biases to the q/k/v
+    projections (Qwen2), ``o_bias`` and ``mlp_bias`` to the output and MLP projections (Llama's
+    ``attention_bias`` sets both ``qkv_bias`` and ``o_bias``). ``sliding_window = W`` lets a token
+    attend to the ``W`` most recent positions, itself included (Mistral).
+
+    ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype (``bfloat16`` compute with
+    ``float32`` parameters is the usual mixed precision). ``scan_layers`` stacks the layers'
+    parameters on a leading ``layers`` axis and runs them with ``jax.lax.scan`` (compile time
+    independent of depth; parameters then sit at ``params['layers']['attn']['q']`` with shape
+    ``[num_layers, ...]`` instead of ``params['layers'][i]...``); ``remat`` recomputes each
+    layer's activations in the backward pass.
     """
 
     vocab_size: int
@@ -22,12 +64,22 @@ class ModelConfig:
     num_kv_heads: int
     head_dim: int | None = None
     rope_theta: float = 10_000.0
+    rope_scaling: RopeScaling | None = None
     rms_norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
     max_position_embeddings: int = 2048
+    model_type: str = "llama"
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
     tokenizer: str = "bytes"
     dtype: str = "float32"
     param_dtype: str = "float32"
+    scan_layers: bool = False
+    remat: bool = False
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -40,10 +92,24 @@ class ModelConfig:
                 f"hidden_size ({self.hidden_size}) must divide by num_heads ({self.num_heads}) "
                 "when head_dim is not given"
             )
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model_type {self.model_type!r} is not supported "
+                f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            )
+        for name in ("dtype", "param_dtype"):
+            np.dtype(_jnp_dtype_name(getattr(self, name)))  # raises on unknown names
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
 
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        eos = self.eos_token_id
+        return () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -52,9 +118,41 @@ class ModelConfig:
         """Parameter count, computed from the shapes (no model needed)."""
         d, f, hd = self.hidden_size, self.intermediate_size, self.resolved_head_dim
         attn = d * hd * (2 * self.num_heads + 2 * self.num_kv_heads)
-        layer = attn + 3 * d * f + 2 * d
+        attn += hd * (self.num_heads + 2 * self.num_kv_heads) * self.qkv_bias + d * self.o_bias
+        layer = attn + 3 * d * f + 2 * d + (2 * f + d) * self.mlp_bias
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return self.num_layers * layer + embed + d
+
+    def rope_inv_freq(self) -> np.ndarray:
+        """Inverse rotary frequencies ``θ^(−2i/d)``, scaled per :class:`RopeScaling` (float32)."""
+        hd = self.resolved_head_dim
+        inv = (1.0 / self.rope_theta ** (np.arange(0, hd, 2, dtype=np.int64) / hd)).astype(
+            np.float32
+        )
+        rs = self.rope_scaling
+        if rs is None:
+            return inv
+        if rs.kind == "linear":
+            return (inv / rs.factor).astype(np.float32)
+        old = rs.original_max_position_embeddings
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > old / rs.low_freq_factor, inv / rs.factor, inv)
+        smooth = (old / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+        medium = ~(wavelen < old / rs.high_freq_factor) & ~(wavelen > old / rs.low_freq_factor)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def _jnp_dtype_name(name: str) -> str:
+    if name == "bfloat16":
+        import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+
+        return "bfloat16"
+    return name
+
+
+def _shape(**kw: Any) -> ModelConfig:
+    return ModelConfig(**kw)
 
 
 PRESETS: dict[str, ModelConfig] = {
@@ -81,6 +179,150 @@ PRESETS: dict[str, ModelConfig] = {
         tie_embeddings=False,
         max_position_embeddings=256,
     ),
+    # Unit-test variants of the family: Qwen2 biases, Llama 3 rope scaling, Mistral window.
+    "test-qwen2": ModelConfig(
+        vocab_size=384,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        qkv_bias=True,
+        tie_embeddings=True,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=256,
+        model_type="qwen2",
+    ),
+    "test-llama3": ModelConfig(
+        vocab_size=384,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=1,
+        rope_theta=500_000.0,
+        rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 64),
+        max_position_embeddings=256,
+    ),
+    "test-mistral": ModelConfig(
+        vocab_size=384,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        sliding_window=8,
+        max_position_embeddings=256,
+        model_type="mistral",
+    ),
+    # Shape-only presets (random weights): benchmarks and dry-run planning.
+    "smollm2-135m": _shape(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        rope_theta=100_000.0,
+        tie_embeddings=True,
+        max_position_embeddings=8192,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+    "llama-2-7b": _shape(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=32,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+    "llama-3-8b": _shape(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        rope_theta=500_000.0,
+        max_position_embeddings=8192,
+        bos_token_id=128000,
+        eos_token_id=128001,
+    ),
+    "llama-3.1-8b": _shape(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        rope_theta=500_000.0,
+        rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192),
+        max_position_embeddings=131072,
+        bos_token_id=128000,
+        eos_token_id=(128001, 128008, 128009),
+    ),
+    "llama-3.2-1b": _shape(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_layers=16,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=64,
+        rope_theta=500_000.0,
+        rope_scaling=RopeScaling("llama3", 32.0, 1.0, 4.0, 8192),
+        tie_embeddings=True,
+        max_position_embeddings=131072,
+        bos_token_id=128000,
+        eos_token_id=(128001, 128008, 128009),
+    ),
+    "mistral-7b": _shape(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        rope_theta=10_000.0,
+        sliding_window=4096,
+        max_position_embeddings=32768,
+        model_type="mistral",
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+    "qwen2-0.5b": _shape(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_layers=24,
+        num_heads=14,
+        num_kv_heads=2,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        qkv_bias=True,
+        tie_embeddings=True,
+        max_position_embeddings=32768,
+        model_type="qwen2",
+        eos_token_id=151643,
+    ),
+    "qwen2-7b": _shape(
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_layers=28,
+        num_heads=28,
+        num_kv_heads=4,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        qkv_bias=True,
+        max_position_embeddings=32768,
+        model_type="qwen2",
+        eos_token_id=151643,
+    ),
 }
 
 
@@ -91,3 +333,123 @@ def preset(name: str) -> ModelConfig:
         raise ValueError(
             f"unknown model preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}"
         ) from None
+
+
+class ConfigError(ValueError):
+    """A model config (``config.json`` or GGUF metadata) that jaxcl cannot use; names the field."""
+
+
+def from_hf_config(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
+    """A :class:`ModelConfig` from a transformers ``config.json`` dict (v4 or v5 layout)."""
+
+    def need(key: str) -> Any:
+        if key not in hf or hf[key] is None:
+            raise ConfigError(f"{where}: missing field {key!r}")
+        return hf[key]
+
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"{where}: field 'model_type' is {model_type!r}; jaxcl supports "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"{where}: field 'hidden_act' is {hf['hidden_act']!r}; only silu")
+    rope = dict(hf.get("rope_parameters") or {})
+    legacy = hf.get("rope_scaling") or {}
+    rope = {**legacy, **rope}
+    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    scaling = None
+    if kind not in ("default", None):
+        try:
+            scaling = RopeScaling(
+                kind,
+                float(rope["factor"]),
+                float(rope.get("low_freq_factor", 1.0)),
+                float(rope.get("high_freq_factor", 4.0)),
+                int(rope.get("original_max_position_embeddings", 8192)),
+            )
+        except (ValueError, KeyError) as err:
+            raise ConfigError(f"{where}: field 'rope_parameters': {err}") from None
+    if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ConfigError(f"{where}: field 'partial_rotary_factor' != 1 is not supported")
+    window = None
+    if model_type == "mistral":
+        window = hf.get("sliding_window")
+    elif model_type == "qwen2" and hf.get("use_sliding_window"):
+        raise ConfigError(
+            f"{where}: field 'use_sliding_window' is true; Qwen2's per-layer sliding window is not "
+            "supported"
+        )
+    heads = int(need("num_attention_heads"))
+    bias = bool(hf.get("attention_bias", False))
+    return ModelConfig(
+        vocab_size=int(need("vocab_size")),
+        hidden_size=int(need("hidden_size")),
+        intermediate_size=int(need("intermediate_size")),
+        num_layers=int(need("num_hidden_layers")),
+        num_heads=heads,
+        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        head_dim=hf.get("head_dim"),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=bias or model_type == "qwen2",
+        o_bias=bias,
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+        sliding_window=int(window) if window else None,
+        max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+        model_type=model_type,
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=hf.get("eos_token_id"),
+    )
+
+
+def to_hf_config(cfg: ModelConfig) -> Any:
+    """The transformers config object (``LlamaConfig``, ``MistralConfig`` or ``Qwen2Config``)."""
+    import transformers
+
+    if cfg.model_type == "qwen2" and (cfg.o_bias or cfg.mlp_bias or not cfg.qkv_bias):
+        raise ConfigError("qwen2 export needs qkv_bias=True, o_bias=False, mlp_bias=False")
+    if cfg.model_type == "mistral" and (cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias):
+        raise ConfigError("mistral export does not support biases; use model_type='llama'")
+    if cfg.model_type == "llama" and cfg.qkv_bias != cfg.o_bias:
+        raise ConfigError("llama export needs qkv_bias == o_bias (transformers' attention_bias)")
+    if cfg.model_type != "mistral" and cfg.sliding_window:
+        raise ConfigError(f"{cfg.model_type} export does not support a sliding window")
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling is not None:
+        rs = cfg.rope_scaling
+        rope = {"rope_type": rs.kind, "rope_theta": cfg.rope_theta, "factor": rs.factor}
+        if rs.kind == "llama3":
+            rope.update(
+                low_freq_factor=rs.low_freq_factor,
+                high_freq_factor=rs.high_freq_factor,
+                original_max_position_embeddings=rs.original_max_position_embeddings,
+            )
+    eos = cfg.eos_token_id
+    kw: dict[str, Any] = dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.resolved_head_dim,
+        rms_norm_eps=cfg.rms_norm_eps,
+        tie_word_embeddings=cfg.tie_embeddings,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_parameters=rope,
+        bos_token_id=cfg.bos_token_id,
+        eos_token_id=list(eos) if isinstance(eos, tuple) else eos,
+        torch_dtype=cfg.param_dtype,
+    )
+    if cfg.model_type == "llama":
+        kw.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+        return transformers.LlamaConfig(**kw)
+    if cfg.model_type == "mistral":
+        return transformers.MistralConfig(sliding_window=cfg.sliding_window, **kw)
+    kw.pop("head_dim")
+    return transformers.Qwen2Config(use_sliding_window=False, **kw)

@@ -1,22 +1,37 @@
-"""A Llama-style decoder in Flax NNX: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+"""A Llama-family decoder in Flax NNX: RMSNorm, RoPE, grouped-query attention, SwiGLU.
 
 Every parameter carries logical axis names (``embed``, ``vocab``, ``heads``, ``kv_heads``,
-``mlp``, ``norm``) in its ``out_sharding`` metadata; :mod:`jaxcl.parallel` maps them onto mesh
-axes. Kernels are stored ``[in, out]`` (the transpose of a torch ``Linear.weight``).
+``mlp``, ``norm``, and ``layers`` when the layers are scanned) in its ``out_sharding`` metadata;
+:mod:`jaxcl.parallel` maps them onto mesh axes. Kernels are stored ``[in, out]`` (the transpose of
+a torch ``Linear.weight``), so a projection is ``y = x·W + b``.
+
+Attention goes through :func:`jax.nn.dot_product_attention` (fused kernels on accelerators).
+:meth:`Decoder.decode` runs the same layers against a key/value cache for generation.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxcl.models.config import ModelConfig
+
+Cache = dict[str, jax.Array]
+# A stable index per projection, to fold into the LoRA dropout key.
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], dtype, std: float):
     init = jax.nn.initializers.normal(stddev=std)
     return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=False)
+
+
+def _zeros(shape: tuple[int, ...], names: tuple[str, ...], dtype):
+    return nnx.Param(jnp.zeros(shape, dtype), out_sharding=names, eager_sharding=False)
 
 
 class RMSNorm(nnx.Module):
@@ -34,10 +49,17 @@ class RMSNorm(nnx.Module):
         return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos/sin tables ``[batch, seq, head_dim]`` for rotary embeddings (half-split layout)."""
-    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+def rope_tables(
+    positions: jax.Array, head_dim: int, theta: float, inv_freq: Any = None
+) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables ``[batch, seq, head_dim]`` for rotary embeddings (half-split layout).
+
+    Angle of position ``p`` and pair ``i``: ``p · inv_freq[i]``, with ``inv_freq[i] =
+    θ^(−2i/head_dim)`` unless given (rope scaling, see :meth:`ModelConfig.rope_inv_freq`).
+    """
+    if inv_freq is None:
+        inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
 
@@ -50,29 +72,73 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
 
-class Attention(nnx.Module):
+class _Projections(nnx.Module):
+    """Shared ``y = x·W (+ b) (+ Σ_task LoRA(x))`` for the attention and MLP blocks."""
+
+    def project(self, x: jax.Array, name: str, rng: jax.Array | None) -> jax.Array:
+        dt = x.dtype
+        y = x @ getattr(self, name)[...].astype(dt)
+        bias = getattr(self, name + "_bias", None)
+        if bias is not None:
+            y = y + bias[...].astype(dt)
+        lora = getattr(self, "lora", None)
+        if lora is not None and name in lora:
+            if rng is not None:
+                rng = jax.random.fold_in(rng, PROJECTIONS.index(name))
+            y = y + lora[name](x, rng).astype(dt)
+        return y
+
+
+class Attention(_Projections):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, param_dtype) -> None:
         d, hd = cfg.hidden_size, cfg.resolved_head_dim
+        nq, nkv = cfg.num_heads * hd, cfg.num_kv_heads * hd
         std = d**-0.5
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
-        self.q = _param(rngs, (d, cfg.num_heads * hd), ("embed", "heads"), param_dtype, std)
-        self.k = _param(rngs, (d, cfg.num_kv_heads * hd), ("embed", "kv_heads"), param_dtype, std)
-        self.v = _param(rngs, (d, cfg.num_kv_heads * hd), ("embed", "kv_heads"), param_dtype, std)
-        out_std = (cfg.num_heads * hd) ** -0.5 / (2 * cfg.num_layers) ** 0.5
-        self.o = _param(rngs, (cfg.num_heads * hd, d), ("heads", "embed"), param_dtype, out_std)
+        self.sliding_window = cfg.sliding_window
+        self.q = _param(rngs, (d, nq), ("embed", "heads"), param_dtype, std)
+        self.k = _param(rngs, (d, nkv), ("embed", "kv_heads"), param_dtype, std)
+        self.v = _param(rngs, (d, nkv), ("embed", "kv_heads"), param_dtype, std)
+        out_std = nq**-0.5 / (2 * cfg.num_layers) ** 0.5
+        self.o = _param(rngs, (nq, d), ("heads", "embed"), param_dtype, out_std)
+        if cfg.qkv_bias:
+            self.q_bias = _zeros((nq,), ("heads",), param_dtype)
+            self.k_bias = _zeros((nkv,), ("kv_heads",), param_dtype)
+            self.v_bias = _zeros((nkv,), ("kv_heads",), param_dtype)
+        if cfg.o_bias:
+            self.o_bias = _zeros((d,), ("norm",), param_dtype)
 
-    def __call__(self, x, cos, sin, mask) -> jax.Array:
+    def __call__(self, x, cos, sin, mask, kv=None, rng=None):
+        """Self-attention; with ``kv = (k_cache, v_cache, index, cache_mask)`` the new keys and
+        values are written at slot ``index`` of the caches ``[batch, slots, kv_heads, head_dim]``
+        and the queries attend to the caches under ``cache_mask [batch, 1, seq, slots]``."""
         b, t, _ = x.shape
-        dt = x.dtype
-        q = (x @ self.q[...].astype(dt)).reshape(b, t, self.num_heads, self.head_dim)
-        k = (x @ self.k[...].astype(dt)).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = (x @ self.v[...].astype(dt)).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q = self.project(x, "q", rng).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.project(x, "k", rng).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.project(x, "v", rng).reshape(b, t, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
-        return out.reshape(b, t, -1) @ self.o[...].astype(dt)
+        new_kv = None
+        if kv is None:
+            window = None if self.sliding_window is None else (self.sliding_window - 1, 0)
+            out = jax.nn.dot_product_attention(
+                q, k, v, mask=mask, is_causal=True, local_window_size=window
+            )
+        else:
+            k_cache, v_cache, index, cache_mask = kv
+            k_cache = jax.lax.dynamic_update_slice(
+                k_cache, k.astype(k_cache.dtype), (0, index, 0, 0)
+            )
+            v_cache = jax.lax.dynamic_update_slice(
+                v_cache, v.astype(v_cache.dtype), (0, index, 0, 0)
+            )
+            out = jax.nn.dot_product_attention(
+                q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask=cache_mask
+            )
+            new_kv = (k_cache, v_cache)
+        return self.project(out.reshape(b, t, -1), "o", rng), new_kv
 
 
-class SwiGLU(nnx.Module):
+class SwiGLU(_Projections):
     """``down(silu(x·W_gate) ⊙ (x·W_up))``."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, param_dtype) -> None:
@@ -81,11 +147,14 @@ class SwiGLU(nnx.Module):
         self.up = _param(rngs, (d, f), ("embed", "mlp"), param_dtype, d**-0.5)
         down_std = f**-0.5 / (2 * cfg.num_layers) ** 0.5
         self.down = _param(rngs, (f, d), ("mlp", "embed"), param_dtype, down_std)
+        if cfg.mlp_bias:
+            self.gate_bias = _zeros((f,), ("mlp",), param_dtype)
+            self.up_bias = _zeros((f,), ("mlp",), param_dtype)
+            self.down_bias = _zeros((d,), ("norm",), param_dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        dt = x.dtype
-        hidden = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
-        return hidden @ self.down[...].astype(dt)
+    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        hidden = jax.nn.silu(self.project(x, "gate", rng)) * self.project(x, "up", rng)
+        return self.project(hidden, "down", rng)
 
 
 class DecoderLayer(nnx.Module):
@@ -95,16 +164,21 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype)
         self.mlp = SwiGLU(cfg, rngs, param_dtype)
 
-    def __call__(self, x, cos, sin, mask) -> jax.Array:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
-        return x + self.mlp(self.mlp_norm(x))
+    def __call__(self, x, cos, sin, mask, kv=None, rng=None):
+        attn_rng = mlp_rng = None
+        if rng is not None:
+            attn_rng, mlp_rng = jax.random.split(rng)
+        h, new_kv = self.attn(self.attn_norm(x), cos, sin, mask, kv, attn_rng)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x), mlp_rng), new_kv
 
 
 class Decoder(nnx.Module):
     """Causal decoder: ``model(input_ids) -> logits [batch, seq, vocab]`` (float32).
 
     ``positions`` default to ``0..seq-1``; ``segment_ids`` (packed sequences) restrict attention
-    to tokens of the same segment, on top of the causal mask.
+    to tokens of the same segment, on top of the causal mask; ``dropout_rng`` turns on the
+    dropout of attached LoRA adapters (see :mod:`jaxcl.models.lora`).
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs) -> None:
@@ -115,9 +189,18 @@ class Decoder(nnx.Module):
         self.embed = _param(
             rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype, embed_std
         )
-        self.layers = nnx.List(
-            [DecoderLayer(cfg, rngs, param_dtype) for _ in range(cfg.num_layers)]
-        )
+        if cfg.scan_layers:
+
+            @nnx.split_rngs(splits=cfg.num_layers)
+            @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def stacked(rngs: nnx.Rngs) -> DecoderLayer:
+                return DecoderLayer(cfg, rngs, param_dtype)
+
+            self.layers = stacked(rngs)
+        else:
+            self.layers = nnx.List(
+                [DecoderLayer(cfg, rngs, param_dtype) for _ in range(cfg.num_layers)]
+            )
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype)
         if not cfg.tie_embeddings:
             self.lm_head = _param(
@@ -128,23 +211,116 @@ class Decoder(nnx.Module):
                 cfg.hidden_size**-0.5,
             )
 
+    def _rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        cfg = self.config
+        return rope_tables(positions, cfg.resolved_head_dim, cfg.rope_theta, cfg.rope_inv_freq())
+
+    def _layers(self, x, cos, sin, mask, kv=None, rng=None):
+        """Run every layer; ``kv``: ``(k [L,B,S,K,H], v [L,B,S,K,H], index, cache_mask)``."""
+        cfg = self.config
+        caches = None if kv is None else (kv[0], kv[1])
+        shared = None if kv is None else (kv[2], kv[3])
+
+        def run(graphdef, state, x, cache_i, rng_i):
+            layer_kv = None if cache_i is None else (*cache_i, *shared)
+            return nnx.merge(graphdef, state)(x, cos, sin, mask, layer_kv, rng_i)
+
+        if cfg.remat:
+            run = jax.checkpoint(run, static_argnums=(0,))
+        rngs = None if rng is None else jax.random.split(rng, cfg.num_layers)
+        if cfg.scan_layers:
+            graphdef, state = nnx.split(self.layers)
+
+            def body(x, xs):
+                state_i, cache_i, rng_i = xs
+                return run(graphdef, state_i, x, cache_i, rng_i)
+
+            return jax.lax.scan(body, x, (state, caches, rngs))
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            graphdef, state = nnx.split(layer)
+            cache_i = None if caches is None else (caches[0][i], caches[1][i])
+            x, new_kv = run(graphdef, state, x, cache_i, None if rngs is None else rngs[i])
+            if new_kv is not None:
+                new_k.append(new_kv[0])
+                new_v.append(new_kv[1])
+        return x, (jnp.stack(new_k), jnp.stack(new_v)) if new_k else None
+
+    def _logits(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        x = self.final_norm(x)
+        head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
+        return (x @ head.astype(x.dtype)).astype(jnp.float32)
+
+    def _embed(self, input_ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embed[...], input_ids, axis=0).astype(jnp.dtype(self.config.dtype))
+
     def __call__(
         self,
         input_ids: jax.Array,
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
+        *,
+        dropout_rng: jax.Array | None = None,
     ) -> jax.Array:
-        cfg = self.config
-        dtype = jnp.dtype(cfg.dtype)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
         mask = None
         if segment_ids is not None:
             mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-        cos, sin = rope_tables(positions, cfg.resolved_head_dim, cfg.rope_theta)
-        x = jnp.take(self.embed[...], input_ids, axis=0).astype(dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask)
-        x = self.final_norm(x)
-        head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        return (x @ head.astype(dtype)).astype(jnp.float32)
+        cos, sin = self._rope(positions)
+        x, _ = self._layers(self._embed(input_ids), cos, sin, mask, rng=dropout_rng)
+        return self._logits(x)
+
+    def init_cache(self, batch: int, slots: int, dtype: Any = None) -> Cache:
+        """Zeroed key/value caches ``{'k', 'v'}: [layers, batch, slots, kv_heads, head_dim]``."""
+        cfg = self.config
+        shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.resolved_head_dim)
+        dtype = jnp.dtype(dtype or cfg.dtype)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+    def decode(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array,
+        cache: Cache,
+        slot_valid: jax.Array,
+        index: jax.Array | int,
+    ) -> tuple[jax.Array, Cache]:
+        """Logits of ``input_ids [batch, t]`` written at cache slots ``index..index+t-1``.
+
+        ``slot_valid [batch, slots]`` marks the slots holding real tokens (these ``t`` included;
+        padding excluded). Query slot ``i`` attends to slot ``j`` iff ``slot_valid[j]`` and
+        ``j ≤ i`` (and ``i − j < sliding_window``). Returns ``(logits [batch, t, vocab],
+        updated cache)``.
+        """
+        t, slots = input_ids.shape[1], slot_valid.shape[1]
+        q_slot = index + jnp.arange(t)
+        k_slot = jnp.arange(slots)
+        allowed = k_slot[None, :] <= q_slot[:, None]
+        if self.config.sliding_window is not None:
+            allowed &= q_slot[:, None] - k_slot[None, :] < self.config.sliding_window
+        cache_mask = slot_valid[:, None, None, :] & allowed[None, None]
+        cos, sin = self._rope(positions)
+        kv = (cache["k"], cache["v"], index, cache_mask)
+        x, (k, v) = self._layers(self._embed(input_ids), cos, sin, None, kv)
+        return self._logits(x), {"k": k, "v": v}
+
+
+def stack_layers(params: dict) -> dict:
+    """Pure-dict params with ``layers: {0: tree, 1: tree, ...}`` → ``layers: tree`` of arrays
+    stacked on a leading axis (the ``scan_layers`` layout)."""
+    layers = params["layers"]
+    if not (isinstance(layers, dict) and all(isinstance(k, int) for k in layers)):
+        return params
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[layers[i] for i in sorted(layers)])
+    return {**params, "layers": stacked}
+
+
+def unstack_layers(params: dict) -> dict:
+    """Inverse of :func:`stack_layers` (a no-op on the per-layer layout)."""
+    layers = params["layers"]
+    if isinstance(layers, dict) and all(isinstance(k, int) for k in layers):
+        return params
+    n = int(np.shape(jax.tree.leaves(layers)[0])[0])
+    return {**params, "layers": {i: jax.tree.map(lambda x, i=i: x[i], layers) for i in range(n)}}

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import pydantic
 from flax import nnx
@@ -14,7 +15,16 @@ from jaxcl.spec import Strict
 
 
 class ModelSpec(Strict):
+    """``preset`` (random weights from the recipe seed) or ``source`` (pretrained weights: an HF
+    directory, a ``.gguf`` file or a weights preset such as ``smollm2-135m-instruct``; when given
+    it wins over ``preset``)."""
+
     preset: str = "tiny"
+    source: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    param_dtype: Literal["float32", "bfloat16"] | None = None
+    scan_layers: bool = False
+    remat: bool = False
 
     @pydantic.field_validator("preset")
     @classmethod
@@ -23,10 +33,37 @@ class ModelSpec(Strict):
             raise ValueError(f"unknown preset {value!r}; valid choices: {', '.join(PRESETS)}")
         return value
 
+    @pydantic.field_validator("source")
+    @classmethod
+    def _exists(cls, value: str | None) -> str | None:
+        from jaxcl.models.pretrained import WEIGHT_PRESETS, sources
+
+        if value is None or value in PRESETS or value in WEIGHT_PRESETS:
+            return value
+        if not Path(value).expanduser().exists():
+            raise ValueError(
+                f"{value!r} is neither a preset ({', '.join(sources())}) nor an existing path"
+            )
+        return value
+
+    @property
+    def name(self) -> str:
+        """What the model is, for logs: the source if given, else the preset."""
+        return self.source or self.preset
+
     def build(self, seed: int) -> tuple[nnx.GraphDef, dict, dict, Any]:
         """``(graphdef, params, logical axis names, tokenizer)``; params a pure dict."""
         from jaxcl.parallel import param_logical_names
 
-        model = Decoder(preset(self.preset), rngs=nnx.Rngs(seed))
+        overrides: dict[str, Any] = {"scan_layers": self.scan_layers, "remat": self.remat}
+        overrides.update({k: v for k in ("dtype", "param_dtype") if (v := getattr(self, k))})
+        if self.source is not None:
+            from jaxcl.models.pretrained import from_pretrained, load_tokenizer
+
+            model = from_pretrained(self.source, seed=seed, **overrides)
+            tokenizer = load_tokenizer(model)
+        else:
+            model = Decoder(preset(self.preset).replace(**overrides), rngs=nnx.Rngs(seed))
+            tokenizer = ByteTokenizer()
         graphdef, state = nnx.split(model, nnx.Param)
-        return graphdef, nnx.to_pure_dict(state), param_logical_names(model), ByteTokenizer()
+        return graphdef, nnx.to_pure_dict(state), param_logical_names(model), tokenizer

@@ -4,6 +4,11 @@
 ``"reference"`` (the parameters the stage started from, DPO's reference) or ``"task_start"`` (the
 parameters at the start of the current task, for distillation-style terms). The trainer supplies
 them, sharded like the policy and never donated.
+
+Composite objectives (a weighted sum of terms: DPO, ORPO, LM, CPPO, KL, distillation) are built by
+:func:`jaxcl.objectives.terms.compose_objective`; ``Objective`` also tells the trainer where the
+reference comes from (``reference_checkpoint``) and which frozen tree's log-probs to precompute
+into the examples instead of holding the tree during steps (``precompute``).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcl.objectives.lm import causal_lm_loss, sequence_logps
-from jaxcl.objectives.preference import dpo_loss, dpo_rewards
+from jaxcl.objectives.preference import dpo_loss, preference_metrics
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -27,6 +32,14 @@ FROZEN_KINDS = ("reference", "task_start")
 class Objective:
     loss_fn: Callable[[Any, Batch, dict[str, Any]], tuple[jax.Array, Metrics]]
     frozen: tuple[str, ...] = ()
+    #: frozen trees whose sequence log-probs the trainer adds to each example once per dataset
+    #: pass (:func:`jaxcl.objectives.reference.annotate_reference_logps`) instead of passing them
+    precompute: tuple[str, ...] = ()
+    #: a checkpoint (step folder) whose parameters fill ``frozen["reference"]`` instead of the
+    #: parameters the stage starts from
+    reference_checkpoint: str | None = None
+    #: the names of the weighted terms, for logs
+    terms: tuple[str, ...] = ()
 
     def scalar(self, frozen: dict[str, Any]) -> Callable[[Any, Batch], jax.Array]:
         """``loss(params, batch) -> scalar`` with ``frozen`` bound (for importance estimators)."""
@@ -58,7 +71,10 @@ def pair_logps(apply, params, batch: Batch) -> tuple[jax.Array, jax.Array]:
 def dpo_objective(
     apply, *, beta: float, kind: str = "sigmoid", label_smoothing: float = 0.0
 ) -> Objective:
-    """DPO against the frozen ``reference``; reports TRL's reward metrics."""
+    """DPO against the frozen ``reference``; reports TRL's reward metrics.
+
+    Kept for direct use; recipes compile through :func:`jaxcl.objectives.terms.compose_objective`.
+    """
 
     def loss_fn(params, batch: Batch, frozen) -> tuple[jax.Array, Metrics]:
         chosen, rejected = pair_logps(apply, params, batch)
@@ -74,15 +90,8 @@ def dpo_objective(
             kind=kind,
             label_smoothing=label_smoothing,
         )
-        r_chosen = dpo_rewards(chosen, ref_chosen, beta=beta)
-        r_rejected = dpo_rewards(rejected, ref_rejected, beta=beta)
         loss = jnp.mean(losses)
-        return loss, {
-            "loss": loss,
-            "rewards/chosen": jnp.mean(r_chosen),
-            "rewards/rejected": jnp.mean(r_rejected),
-            "rewards/margin": jnp.mean(r_chosen - r_rejected),
-            "rewards/accuracy": jnp.mean((r_chosen > r_rejected).astype(jnp.float32)),
-        }
+        metrics = preference_metrics(chosen, rejected, ref_chosen, ref_rejected, beta=beta)
+        return loss, {"loss": loss, **metrics}
 
     return Objective(loss_fn, frozen=("reference",))

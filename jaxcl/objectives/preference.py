@@ -11,6 +11,10 @@ policy π_θ and the reference π_ref, and return per-example losses (reduce the
 * ``simpo`` (Meng et al. 2024), reference-free: pass length-normalised log-probs as the policy
   terms; ``−log σ(β (log π_θ(w) − log π_θ(l)) − γ)`` with ``γ = simpo_gamma``; the reference
   arguments are ignored.
+
+:func:`orpo_loss` is ORPO's odds-ratio term (Hong et al. 2024), reference-free, on
+length-normalised log-probs; :func:`preference_metrics` computes the rewards, margins and
+accuracies TRL reports.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 DPO_KINDS = ("sigmoid", "ipo", "hinge", "simpo")
+REFERENCE_FREE_KINDS = ("simpo",)
 
 
 def dpo_loss(
@@ -52,3 +57,66 @@ def dpo_loss(
 def dpo_rewards(policy_logps: jax.Array, ref_logps: jax.Array, *, beta: float) -> jax.Array:
     """Implicit reward ``β (log π_θ(y|x) − log π_ref(y|x))`` as TRL reports it."""
     return beta * (policy_logps - ref_logps)
+
+
+def log1mexp(x: jax.Array) -> jax.Array:
+    """``log(1 − exp(x))`` for ``x < 0``, stable at both ends (Mächler 2012).
+
+    ``log(−expm1(x))`` for ``x > −log 2``, ``log1p(−exp(x))`` otherwise; ``x`` is clipped to
+    ``≤ −1e-7`` so a probability of exactly 1 gives a large finite value, not ``−inf``.
+    """
+    x = jnp.minimum(x, -1e-7)
+    return jnp.where(
+        x > -jnp.log(2.0),
+        jnp.log(-jnp.expm1(jnp.maximum(x, -jnp.log(2.0)))),
+        jnp.log1p(-jnp.exp(jnp.minimum(x, -jnp.log(2.0)))),
+    )
+
+
+def orpo_log_odds(chosen_mean_logps: jax.Array, rejected_mean_logps: jax.Array) -> jax.Array:
+    """ORPO's log odds ratio ``z = log odds(w) − log odds(l)`` per example ``[B]``.
+
+    With ``p = exp(mean-token log π_θ(y|x))`` (the length-normalised likelihood) and
+    ``odds(y) = p / (1 − p)``: ``log odds(y) = ℓ − log(1 − e^ℓ)`` for ``ℓ = log p``.
+    """
+    return (chosen_mean_logps - rejected_mean_logps) - (
+        log1mexp(chosen_mean_logps) - log1mexp(rejected_mean_logps)
+    )
+
+
+def orpo_loss(chosen_mean_logps: jax.Array, rejected_mean_logps: jax.Array) -> jax.Array:
+    """ORPO's odds-ratio term ``L_OR = −log σ(z)`` per example ``[B]`` (see :func:`orpo_log_odds`).
+
+    ORPO's full objective is ``L_SFT(chosen) + λ · L_OR``: in a recipe, an ``lm`` term (the
+    NLL of the chosen response) plus an ``orpo`` term of weight ``λ``. Its gradient with respect
+    to the chosen mean log-prob is ``−σ(−z) / (1 − p_w)`` (``∂ log odds / ∂ℓ = 1 / (1 − p)``).
+    """
+    return -jax.nn.log_sigmoid(orpo_log_odds(chosen_mean_logps, rejected_mean_logps))
+
+
+def preference_metrics(
+    policy_chosen_logps: jax.Array,
+    policy_rejected_logps: jax.Array,
+    ref_chosen_logps: jax.Array,
+    ref_rejected_logps: jax.Array,
+    *,
+    beta: float,
+) -> dict[str, jax.Array]:
+    """The reward metrics TRL's ``DPOTrainer`` logs, averaged over the batch.
+
+    With ``r_w = β (log π_θ(w) − log π_ref(w))`` and ``r_l`` likewise: ``rewards/chosen`` =
+    mean ``r_w``, ``rewards/rejected`` = mean ``r_l``, ``rewards/margins`` = mean ``r_w − r_l``,
+    ``rewards/accuracies`` = fraction with ``r_w > r_l``; ``logps/chosen`` and
+    ``logps/rejected`` are the policy's mean sequence log-probs. For a reference-free loss pass
+    zeros as the reference log-probs (rewards are then ``β log π_θ``, as TRL's CPO/SimPO log).
+    """
+    r_chosen = dpo_rewards(policy_chosen_logps, ref_chosen_logps, beta=beta)
+    r_rejected = dpo_rewards(policy_rejected_logps, ref_rejected_logps, beta=beta)
+    return {
+        "rewards/chosen": jnp.mean(r_chosen),
+        "rewards/rejected": jnp.mean(r_rejected),
+        "rewards/margins": jnp.mean(r_chosen - r_rejected),
+        "rewards/accuracies": jnp.mean((r_chosen > r_rejected).astype(jnp.float32)),
+        "logps/chosen": jnp.mean(policy_chosen_logps),
+        "logps/rejected": jnp.mean(policy_rejected_logps),
+    }

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import optax
 
+from jaxcl.methods.compose import chain as jaxcl_chain
+from jaxcl.methods.specs import CompiledMethods, compile_methods
 from jaxcl.recipe import OptimizerSpec
 
 
@@ -26,21 +28,20 @@ def lr_schedule(spec: OptimizerSpec, total_steps: int) -> optax.Schedule:
 
 
 def build_chain(
-    spec: OptimizerSpec,
-    total_steps: int,
-    methods: list[optax.GradientTransformationExtraArgs],
-) -> optax.GradientTransformationExtraArgs:
-    """``chain(*methods, clip_by_global_norm, adamw)``: CL transforms see the raw gradient and add
-    their terms; clipping and AdamW then act on the sum."""
-    parts = list(methods)
+    spec: OptimizerSpec, total_steps: int, methods: list
+) -> tuple[optax.GradientTransformationExtraArgs, CompiledMethods]:
+    """``chain(*front methods, clip_by_global_norm, adamw, *behind methods)``.
+
+    Front methods (regularizers, projections) see the raw gradient and add or project their terms;
+    clipping and AdamW act on the result; behind methods (masks: freeze, PackNet, soft masks)
+    zero or scale the final update, weight decay included. Returns the chain and what the method
+    list compiled to (memory needs).
+    """
+    schedule = lr_schedule(spec, total_steps)
+    compiled = compile_methods(methods, learning_rate=schedule)
+    parts = list(compiled.front)
     if spec.clip_norm is not None:
         parts.append(optax.clip_by_global_norm(spec.clip_norm))
-    parts.append(
-        optax.adamw(
-            lr_schedule(spec, total_steps),
-            b1=spec.b1,
-            b2=spec.b2,
-            weight_decay=spec.weight_decay,
-        )
-    )
-    return optax.chain(*parts)
+    parts.append(optax.adamw(schedule, b1=spec.b1, b2=spec.b2, weight_decay=spec.weight_decay))
+    parts.extend(compiled.behind)
+    return jaxcl_chain(*parts), compiled

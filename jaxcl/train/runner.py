@@ -21,9 +21,18 @@ from rich.console import Console
 from rich.table import Table
 
 from jaxcl import checkpoint, parallel
-from jaxcl.eval import HIGHER_IS_BETTER, cl_metrics, make_batch_scorer
-from jaxcl.recipe import Recipe, StageSpec
-from jaxcl.train.stage import Cursor, TrainingDiverged, compile_stage, run_stage
+from jaxcl.data.replay import ReplayBuffer
+from jaxcl.eval import make_batch_scorer
+from jaxcl.eval.probes import probe_deltas, score_probes
+from jaxcl.recipe import Recipe
+from jaxcl.train.stage import (
+    Cursor,
+    TrainingDiverged,
+    compile_stage,
+    new_buffer,
+    run_stage,
+    stage_result,
+)
 from jaxcl.train.step import TrainState, make_apply
 
 __all__ = ["RunDirError", "TrainingDiverged", "build_model", "run_recipe"]
@@ -50,6 +59,12 @@ class RunContext:
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         sharding = parallel.batch_sharding(self.mesh, self.rules)
         return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+
+    def probe(self, params) -> dict[str, Any] | None:
+        """General, instruction-following and safety probe scores (``recipe.probes``)."""
+        if not self.recipe.probes:
+            return None
+        return score_probes(self.scorer, params, self.tokenizer, put_batch=self.put_batch)
 
     def add_checkpoint(self, entry: dict[str, Any]) -> None:
         """Record a checkpoint in ``manifest.json`` (rewritten atomically after each save)."""
@@ -98,25 +113,6 @@ def _prepare_out_dir(out: Path, recipe: Recipe, overwrite: bool, console: Consol
     return resumable
 
 
-def stage_result(stage: StageSpec, record: dict, checkpoint_path: str, params) -> dict[str, Any]:
-    return {
-        "name": stage.name,
-        "kind": stage.kind,
-        "metric": stage.metric,
-        "tasks": [t.name for t in stage.tasks],
-        "R": record["R"],
-        "baseline": record["baseline"],
-        "metrics": cl_metrics(
-            record["R"], record["baseline"], higher_is_better=HIGHER_IS_BETTER[stage.metric]
-        ),
-        "losses": record["losses"],
-        "checkpoint": checkpoint_path,
-        "start_params_sha256": record["start_params_sha256"],
-        "final_params_sha256": checkpoint.params_digest(params),
-        "seconds": record["seconds"],
-    }
-
-
 @dataclass
 class ResumePoint:
     stage: int  # index of the stage to run next
@@ -143,7 +139,7 @@ def _find_resume_point(ctx: RunContext, params_like) -> ResumePoint | None:
                 ctx, stage, params_like, stage.steps_per_task * len(stage.tasks)
             )
             abstract = jax.eval_shape(program.tx.init, params_like)
-            params, opt_state, frozen, manifest = checkpoint.restore_checkpoint(
+            params, opt_state, frozen, replay, manifest = checkpoint.restore_checkpoint(
                 stage_dir, step, params_like, _with_shardings(abstract, program.shardings.opt_state)
             )
         except Exception as err:  # a corrupted or half-readable checkpoint: use an older one
@@ -168,9 +164,16 @@ def _find_resume_point(ctx: RunContext, params_like) -> ResumePoint | None:
             ),
             frozen=frozen,
             record=manifest["record"],
+            buffer=_restore_buffer(ctx, stage, program, manifest, replay),
         )
         return ResumePoint(index, cursor, None, str(path), finished)
     return None
+
+
+def _restore_buffer(ctx, stage, program, manifest, arrays) -> ReplayBuffer | None:
+    if manifest.get("replay"):
+        return ReplayBuffer.from_state({"meta": manifest["replay"], "arrays": arrays})
+    return new_buffer(ctx, stage, program)  # nothing was stored yet
 
 
 def _with_shardings(abstract, shardings):
@@ -220,6 +223,22 @@ def _print_stage(console: Console, result: dict) -> None:
     )
 
 
+def _print_probes(console: Console, probes: dict[str, Any]) -> None:
+    table = Table(title="cross-stage probes (R^G general, R^I instruction, R^S safety)")
+    for column in ("after", "R^G", "R^I", "R^S"):
+        table.add_column(column, justify="right" if column != "after" else "left")
+    labels = ["start"] + [f"stage {i}" for i in range(1, len(probes["scores"]))]
+    for label, row in zip(labels, probes["scores"]):
+        table.add_row(label, *(f"{row[k]:.3f}" for k in ("general", "instruction", "safety")))
+    console.print(table)
+    console.print(
+        "  "
+        + "  ".join(
+            f"{k}={probes[k]:+.3f}" for k in ("delta_general", "delta_instruction", "delta_safety")
+        )
+    )
+
+
 def run_recipe(
     recipe: Recipe, console: Console | None = None, *, overwrite: bool = False
 ) -> dict[str, Any]:
@@ -236,7 +255,7 @@ def run_recipe(
     params = jax.device_put(params, param_shardings)
     ctx = RunContext(recipe, out, mesh, rules, graphdef, param_shardings, tokenizer, console)
     console.print(
-        f"[bold]{recipe.name}[/]: {recipe.model.preset} model, "
+        f"[bold]{recipe.name}[/]: {recipe.model.name} model, "
         f"{sum(x.size for x in jax.tree.leaves(params)):,} parameters, mesh {dict(mesh.shape)}"
     )
     point = _find_resume_point(ctx, params) if resumable else None
@@ -270,6 +289,11 @@ def run_recipe(
         "stages": stages,
         "seconds": round(time.perf_counter() - started, 2),
     }
+    if recipe.probes:
+        # Cross-stage forgetting: probe suites before the first stage and after every stage.
+        history = [stages[0]["probes_before"]] + [s["probes_after"] for s in stages]
+        results["probes"] = {"scores": history, **probe_deltas(history)}
+        _print_probes(console, results["probes"])
     _write_json(out / "results.json", results)
     console.print(f"results: {out / 'results.json'}  ({results['seconds']}s)")
     return results

@@ -2,14 +2,14 @@
 
 The stage's chain, objective and train step are compiled once. Its loop can start anywhere: a
 :class:`Cursor` restored from a checkpoint says which task and step come next and carries the
-state, the frozen trees and the partial results, so a killed run continues exactly where its
-last checkpoint stands (batch ``k`` of a task is a pure function of the seed and ``k``).
+state, the frozen trees, the replay buffer and the partial results, so a killed run continues
+exactly where its last checkpoint stands (batch ``k`` of a task is a pure function of the seed
+and ``k``).
 """
 
 from __future__ import annotations
 
 import json
-import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,9 +21,15 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from jaxcl import checkpoint, parallel
 from jaxcl.data import batched_stream, encode_all, eval_batches
+from jaxcl.data.replay import ReplayBuffer
 from jaxcl.eval import HIGHER_IS_BETTER, cl_metrics, score_task
 from jaxcl.methods import consolidate
 from jaxcl.methods.specs import Boundary
+from jaxcl.objectives.reference import (
+    annotate_reference_logps,
+    load_reference,
+    make_pair_logps_fn,
+)
 from jaxcl.objectives.spec import stage_objective
 from jaxcl.recipe import StageSpec
 from jaxcl.train.optim import build_chain
@@ -39,6 +45,7 @@ class TaskData:
     name: str
     train: list[dict[str, np.ndarray]]
     eval: list[dict[str, np.ndarray]]
+    instructions: list[str]  # the train examples' prompts (or texts), for InsCL replay quotas
 
 
 @dataclass
@@ -50,35 +57,38 @@ class Cursor:
     state: TrainState | None = None
     frozen: dict[str, Any] = field(default_factory=dict)
     record: dict[str, Any] = field(default_factory=dict)
+    buffer: ReplayBuffer | None = None
 
 
 @dataclass
 class StageProgram:
     """Everything compiled once per stage: chain, objective, the jitted step, the state's
-    shardings."""
+    shardings, and what the methods need kept (examples per finished task)."""
 
     tx: Any
     objective: Any
     step_fn: Any
     memory_grads: bool
     shardings: Any
+    memory_per_task: int
 
 
 def compile_stage(ctx, stage: StageSpec, params, total_steps: int) -> StageProgram:
-    transforms = [t for t in (m.transform() for m in stage.methods) if t is not None]
-    tx = build_chain(ctx.recipe.stage_optimizer(stage), total_steps, transforms)
+    tx, compiled = build_chain(ctx.recipe.stage_optimizer(stage), total_steps, stage.methods)
     shardings = state_shardings_for(tx, params, ctx.param_shardings, parallel.replicated(ctx.mesh))
-    objective = stage_objective(stage.kind, stage.dpo, ctx.apply)
-    memory_grads = any(m.needs_memory_grads for m in stage.methods)
+    objective = stage_objective(stage, ctx.apply)
     step_fn = make_train_step(
         objective.loss_fn,
         tx,
         state_shardings=shardings,
         batch_sharding=parallel.batch_sharding(ctx.mesh, ctx.rules),
         frozen_shardings={name: ctx.param_shardings for name in objective.frozen},
-        memory_grads=memory_grads,
+        memory_grads=compiled.needs_memory_grads,
+        accum_steps=stage.grad_accum,
     )
-    return StageProgram(tx, objective, step_fn, memory_grads, shardings)
+    return StageProgram(
+        tx, objective, step_fn, compiled.needs_memory_grads, shardings, compiled.memory_per_task
+    )
 
 
 def init_state(program: StageProgram, params) -> TrainState:
@@ -94,19 +104,70 @@ def _copy(tree):
 
 
 def task_data(ctx, stage: StageSpec) -> list[TaskData]:
-    def encoded(data, split):
-        return encode_all(data.load(split), data.kind, ctx.tokenizer, stage.seq_len)
+    def encoded(examples, kind):
+        return encode_all(examples, kind, ctx.tokenizer, stage.seq_len)
 
-    return [
-        TaskData(task.name, encoded(task.data, "train"), encoded(task.data, "eval"))
-        for task in stage.tasks
-    ]
+    out = []
+    for task in stage.tasks:
+        train = task.data.load("train")
+        texts = [str(e.get("prompt", e.get("text", ""))) for e in train]
+        out.append(
+            TaskData(
+                task.name,
+                encoded(train, task.data.kind),
+                encoded(task.data.load("eval"), task.data.kind),
+                texts,
+            )
+        )
+    return out
 
 
-def _memory_sample(ctx, stage: StageSpec, task: TaskData, keep: int) -> list:
-    """The examples of a finished task kept for replay / A-GEM: a seeded, reproducible sample."""
-    rng = random.Random(f"{ctx.recipe.seed}/{stage.name}/{task.name}")
-    return rng.sample(task.train, min(keep, len(task.train)))
+def new_buffer(ctx, stage: StageSpec, program: StageProgram) -> ReplayBuffer | None:
+    """The stage's memory of finished tasks: replay's buffer, or A-GEM's episodic memory."""
+    replay = stage.method("replay")
+    if replay is not None:
+        return ReplayBuffer(replay.capacity, quota=replay.quota, seed=ctx.recipe.seed)
+    if program.memory_per_task:
+        capacity = program.memory_per_task * len(stage.tasks)
+        return ReplayBuffer(capacity, quota="equal", seed=ctx.recipe.seed)
+    return None
+
+
+@dataclass
+class Throughput:
+    """Tokens/s, step time and model FLOPs utilisation between two log points.
+
+    Training FLOPs are ``6·N`` per token (forward ``2N``, backward ``4N``; attention's share is
+    left out, as in the MFU convention of PaLM/MaxText for short sequences). The first interval
+    includes compilation.
+    """
+
+    tokens_per_step: int
+    flops_per_token: float
+    peak_flops: float | None  # of all devices together
+    last: float = field(default_factory=time.perf_counter)
+    steps: int = 0
+
+    def read(self) -> dict[str, float]:
+        now = time.perf_counter()
+        seconds, self.last = now - self.last, now
+        steps, self.steps = max(self.steps, 1), 0
+        tokens_per_s = steps * self.tokens_per_step / seconds
+        out = {"tokens_per_s": tokens_per_s, "step_seconds": seconds / steps}
+        if self.peak_flops:
+            out["mfu"] = self.flops_per_token * tokens_per_s / self.peak_flops
+        return out
+
+
+def _throughput(ctx, stage: StageSpec, params) -> Throughput:
+    pairs = 2 if stage.kind == "align" else 1  # chosen and rejected sequences
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    peak = ctx.recipe.peak_flops_per_device
+    return Throughput(
+        tokens_per_step=stage.batch_size * stage.seq_len * pairs,
+        flops_per_token=6.0 * n_params,
+        peak_flops=peak * ctx.mesh.size if peak else None,
+    )
 
 
 def _progress(console: Console) -> Progress:
@@ -122,11 +183,185 @@ def _progress(console: Console) -> Progress:
     )
 
 
+@dataclass
+class StageRun:
+    """A stage in progress: its compiled program, data, state, frozen trees, replay buffer and
+    partial record; ``train_task`` and ``save`` advance and persist it."""
+
+    ctx: Any
+    stage: StageSpec
+    program: StageProgram
+    tasks: list[TaskData]
+    cursor: Cursor
+    parent: str | None
+    log: Any = None
+    speed: Throughput | None = None
+    started: float = 0.0
+
+    @property
+    def step_frozen(self) -> dict[str, Any]:
+        """The frozen trees the objective reads each step (precompute-only ones stay out)."""
+        return {name: self.cursor.frozen[name] for name in self.program.objective.frozen}
+
+    def annotate(self, examples: list) -> list:
+        """Examples with the reference's log-probs attached (``reference.logps: precomputed``):
+        one pass of the frozen tree over the data at each task start."""
+        if not self.program.objective.precompute or not examples:
+            return examples
+        (name,) = self.program.objective.precompute
+        return annotate_reference_logps(
+            make_pair_logps_fn(self.ctx.apply),
+            self.cursor.frozen[name],
+            examples,
+            batch_size=self.stage.eval_batch_size,
+            put_batch=self.ctx.put_batch,
+        )
+
+    def streams(self, t: int):
+        """Task ``t``'s batches (replay mixed in) and, for A-GEM, its memory batches."""
+        recipe, stage, buffer = self.ctx.recipe, self.stage, self.cursor.buffer
+        task = self.tasks[t]
+        if buffer is not None and buffer.quota == "inscl" and len(buffer):
+            buffer.set_upcoming(task.instructions)
+        pool = self.annotate(buffer.examples() if buffer is not None else [])
+        replay = stage.method("replay")
+        seed = recipe.seed * 1_000_003 + t
+        stream = batched_stream(
+            self.annotate(task.train),
+            batch_size=stage.batch_size,
+            num_batches=stage.steps_per_task,
+            seed=seed,
+            replay=pool,
+            replay_ratio=replay.replay_ratio() if replay else 0.0,
+        )
+        memory = None
+        if self.program.memory_grads and pool:
+            memory = batched_stream(
+                pool,
+                batch_size=stage.batch_size,
+                num_batches=stage.steps_per_task,
+                seed=seed + 500_009,
+            )
+        return stream, memory
+
+    def train_task(self, t: int, first: int, progress, bar) -> Any:
+        """Steps ``first..steps_per_task-1`` of task ``t``; returns the task's batch stream."""
+        stage, recipe, cursor, program = self.stage, self.ctx.recipe, self.cursor, self.program
+        task = self.tasks[t]
+        needs = program.objective.frozen + program.objective.precompute
+        if "task_start" in needs and first == 0:
+            cursor.frozen["task_start"] = _copy(cursor.state.params)
+        stream, memory = self.streams(t)
+        pending = None  # the previous step's metrics, checked one step behind (no stall)
+        for k in range(first, stage.steps_per_task):
+            batch = self.ctx.put_batch(stream[k])
+            mem = None
+            if program.memory_grads:
+                # Before any memory exists, the current batch stands in (g·g_ref ≥ 0).
+                mem = self.ctx.put_batch(memory[k]) if memory is not None else batch
+            cursor.state, metrics = program.step_fn(cursor.state, batch, self.step_frozen, mem)
+            self.speed.steps += 1
+            _check_finite(pending, stage, task, self.parent)
+            pending = (k, metrics)
+            last = k + 1 == stage.steps_per_task
+            if (k + 1) % recipe.log_every == 0 or last:
+                _check_finite(pending, stage, task, self.parent)
+                self.log_metrics(task, metrics, progress, bar)
+            progress.advance(bar)
+            every = recipe.checkpoint_every
+            if every and int(cursor.state.step) % every == 0 and not last:
+                _check_finite(pending, stage, task, self.parent)
+                self.save(t, k + 1, done=False)
+        _check_finite(pending, stage, task, self.parent)
+        return stream
+
+    def log_metrics(self, task: TaskData, metrics, progress, bar) -> None:
+        entry = {key: float(v) for key, v in jax.device_get(metrics).items()}
+        entry.update(self.speed.read(), stage=self.stage.name, task=task.name)
+        entry["step"] = int(self.cursor.state.step)
+        self.cursor.record["losses"].append(entry)
+        self.log.write(json.dumps(entry) + "\n")
+        progress.update(bar, loss=f"{entry['loss']:.3f}")
+
+    def end_task(self, t: int, stream, score) -> None:
+        """Score every task, refresh the CL state, remember the task, checkpoint."""
+        cursor, task = self.cursor, self.tasks[t]
+        cursor.record["R"].append(score(cursor.state.params))
+        loss = self.program.objective.scalar(self.step_frozen)
+        cursor.state = _task_boundary(self.ctx, self.stage, cursor.state, stream, loss)
+        if cursor.buffer is not None:
+            cursor.buffer.add_task(task.name, task.train, instructions=task.instructions)
+        stage_dir = self.ctx.out / "checkpoints" / self.stage.name
+        step = int(cursor.state.step)
+        superseded = [
+            s
+            for s in checkpoint.all_steps(stage_dir)
+            if step - self.stage.steps_per_task < s < step
+        ]
+        if t == len(self.tasks) - 1:  # the stage's end: probes go into its final checkpoint
+            cursor.record["probes_after"] = self.ctx.probe(cursor.state.params)
+        self.save(t, self.stage.steps_per_task, done=True)
+        checkpoint.delete_steps(stage_dir, superseded)  # mid-task saves, now redundant
+
+    def save(self, t: int, k: int, done: bool) -> None:
+        recipe, stage, cursor = self.ctx.recipe, self.stage, self.cursor
+        cursor.record["seconds"] = round(time.perf_counter() - self.started, 2)
+        buffer = cursor.buffer.state() if cursor.buffer is not None and len(cursor.buffer) else None
+        names = [x.name for x in self.tasks]
+        manifest = {
+            "recipe": recipe.name,
+            "recipe_sha256": recipe.fingerprint(),
+            "stage": stage.name,
+            "task": names[t],
+            "task_index": t,
+            "task_step": k,
+            "task_done": done,
+            "step": int(cursor.state.step),
+            "metric": stage.metric,
+            "scores": dict(zip(names, cursor.record["R"][-1])) if done else None,
+            "parent": self.parent,
+            "record": cursor.record,
+            "replay": buffer["meta"] if buffer else None,
+        }
+        path = checkpoint.save_checkpoint(
+            self.ctx.out / "checkpoints" / stage.name,
+            int(cursor.state.step),
+            cursor.state.params,
+            cursor.state.opt_state,
+            manifest,
+            cursor.frozen,
+            replay=buffer["arrays"] if buffer else None,
+        )
+        self.ctx.add_checkpoint(dict(manifest, path=str(path), record=None, replay=None))
+        self.parent = str(path)
+
+
+def stage_result(stage: StageSpec, record: dict, checkpoint_path: str, params) -> dict[str, Any]:
+    """A finished stage's entry of ``results.json``."""
+    return {
+        "name": stage.name,
+        "kind": stage.kind,
+        "metric": stage.metric,
+        "tasks": [t.name for t in stage.tasks],
+        "R": record["R"],
+        "baseline": record["baseline"],
+        "metrics": cl_metrics(
+            record["R"], record["baseline"], higher_is_better=HIGHER_IS_BETTER[stage.metric]
+        ),
+        "losses": record["losses"],
+        "checkpoint": checkpoint_path,
+        "start_params_sha256": record["start_params_sha256"],
+        "final_params_sha256": checkpoint.params_digest(params),
+        "probes_before": record.get("probes_before"),
+        "probes_after": record.get("probes_after"),
+        "seconds": record["seconds"],
+    }
+
+
 def run_stage(
     ctx, stage: StageSpec, params, parent: str | None, cursor: Cursor | None = None
 ) -> tuple[Any, dict]:
     """Train ``stage`` from ``params`` (or from ``cursor``); returns final params and results."""
-    recipe = ctx.recipe
     cursor = cursor or Cursor()
     if cursor.state is not None:
         params = cursor.state.params
@@ -136,136 +371,43 @@ def run_stage(
     ]
     total_steps = stage.steps_per_task * len(tasks)
     program = compile_stage(ctx, stage, params, total_steps)
-    score = lambda p: [score_task(ctx.scorer, p, b, stage.metric) for b in eval_sets]  # noqa: E731
+
+    def score(p) -> list[float]:
+        return [score_task(ctx.scorer, p, batches, stage.metric) for batches in eval_sets]
+
     if cursor.state is None:
         cursor.state = init_state(program, params)
-        # Frozen trees are separate, never-donated copies: the stage's start is DPO's reference.
-        if "reference" in program.objective.frozen:
-            cursor.frozen["reference"] = _copy(params)
+        # Frozen trees are separate, never-donated copies: DPO's reference is the stage's start
+        # (or a named checkpoint).
+        objective = program.objective
+        if "reference" in objective.frozen + objective.precompute:
+            ref = objective.reference_checkpoint
+            cursor.frozen["reference"] = load_reference(ref, params) if ref else _copy(params)
+        cursor.buffer = new_buffer(ctx, stage, program)
         cursor.record = {
+            "probes_before": ctx.probe(params),
             "start_params_sha256": checkpoint.params_digest(params),
             "baseline": score(params),
             "R": [],
             "losses": [],
             "seconds": 0.0,
         }
-    state, frozen, record = cursor.state, cursor.frozen, cursor.record
-    replay = stage.method("replay")
-    keep = max((m.memory_per_task for m in stage.methods), default=0)
-    memory = (
-        [x for task in tasks[: cursor.task] for x in _memory_sample(ctx, stage, task, keep)]
-        if keep
-        else []
-    )
-    started = time.perf_counter() - record["seconds"]
-    every = recipe.checkpoint_every
-
-    def save(t: int, k: int, done: bool) -> str:
-        record["seconds"] = round(time.perf_counter() - started, 2)
-        manifest = {
-            "recipe": recipe.name,
-            "recipe_sha256": recipe.fingerprint(),
-            "stage": stage.name,
-            "task": tasks[t].name,
-            "task_index": t,
-            "task_step": k,
-            "task_done": done,
-            "step": int(state.step),
-            "metric": stage.metric,
-            "scores": dict(zip([x.name for x in tasks], record["R"][-1])) if done else None,
-            "parent": parent,
-            "record": record,
-        }
-        path = checkpoint.save_checkpoint(
-            ctx.out / "checkpoints" / stage.name,
-            int(state.step),
-            state.params,
-            state.opt_state,
-            manifest,
-            frozen,
-        )
-        ctx.add_checkpoint(dict(manifest, path=str(path), record=None))
-        return str(path)
-
+    run = StageRun(ctx, stage, program, tasks, cursor, parent)
+    run.started = time.perf_counter() - cursor.record["seconds"]
+    run.speed = _throughput(ctx, stage, params)
+    start_task, start_step = cursor.task, cursor.task_step
     with (
         _progress(ctx.console) as progress,
-        (ctx.out / "metrics.jsonl").open("a", buffering=1) as log,
+        (ctx.out / "metrics.jsonl").open("a", buffering=1) as run.log,
     ):
         bar = progress.add_task(stage.name, total=total_steps, loss="-")
-        progress.advance(bar, cursor.task * stage.steps_per_task + cursor.task_step)
-        for t in range(cursor.task, len(tasks)):
-            task = tasks[t]
-            first = cursor.task_step if t == cursor.task else 0
-            if "task_start" in program.objective.frozen and first == 0:
-                frozen["task_start"] = _copy(state.params)
-            stream = batched_stream(
-                task.train,
-                batch_size=stage.batch_size,
-                num_batches=stage.steps_per_task,
-                seed=recipe.seed * 1_000_003 + t,
-                replay=memory,
-                replay_ratio=replay.ratio if replay else 0.0,
-            )
-            memory_stream = None
-            if program.memory_grads and memory:
-                memory_stream = batched_stream(
-                    memory,
-                    batch_size=stage.batch_size,
-                    num_batches=stage.steps_per_task,
-                    seed=recipe.seed * 1_000_003 + t + 500_009,
-                )
-            pending = None  # the previous step's metrics, checked one step behind (no stall)
-            for k in range(first, stage.steps_per_task):
-                batch = ctx.put_batch(stream[k])
-                mem = None
-                if program.memory_grads:
-                    # Before any memory exists, the current batch stands in (g·g_ref ≥ 0).
-                    mem = ctx.put_batch(memory_stream[k]) if memory_stream else batch
-                state, metrics = program.step_fn(state, batch, frozen, mem)
-                _check_finite(pending, stage, task, parent)
-                pending = (int(k), metrics)
-                if (k + 1) % recipe.log_every == 0 or k + 1 == stage.steps_per_task:
-                    _check_finite(pending, stage, task, parent)
-                    entry = {key: float(v) for key, v in jax.device_get(metrics).items()}
-                    entry.update(stage=stage.name, task=task.name, step=int(state.step))
-                    record["losses"].append(entry)
-                    log.write(json.dumps(entry) + "\n")
-                    progress.update(bar, loss=f"{entry['loss']:.3f}")
-                progress.advance(bar)
-                if every and int(state.step) % every == 0 and k + 1 < stage.steps_per_task:
-                    _check_finite(pending, stage, task, parent)
-                    parent = save(t, k + 1, done=False)
-            _check_finite(pending, stage, task, parent)
-            record["R"].append(score(state.params))
-            state = _task_boundary(ctx, stage, state, stream, program.objective.scalar(frozen))
-            if keep:
-                memory.extend(_memory_sample(ctx, stage, task, keep))
-            interval = [
-                s
-                for s in checkpoint.all_steps(ctx.out / "checkpoints" / stage.name)
-                if s > int(state.step) - stage.steps_per_task and s < int(state.step)
-            ]
-            parent = save(t, stage.steps_per_task, done=True)
-            # Mid-task checkpoints are superseded by the task's end checkpoint.
-            checkpoint.delete_steps(ctx.out / "checkpoints" / stage.name, interval)
-    record["seconds"] = round(time.perf_counter() - started, 2)
-    result = {
-        "name": stage.name,
-        "kind": stage.kind,
-        "metric": stage.metric,
-        "tasks": [t.name for t in tasks],
-        "R": record["R"],
-        "baseline": record["baseline"],
-        "metrics": cl_metrics(
-            record["R"], record["baseline"], higher_is_better=HIGHER_IS_BETTER[stage.metric]
-        ),
-        "losses": record["losses"],
-        "checkpoint": parent,
-        "start_params_sha256": record["start_params_sha256"],
-        "final_params_sha256": checkpoint.params_digest(state.params),
-        "seconds": record["seconds"],
-    }
-    return state.params, result
+        progress.advance(bar, start_task * stage.steps_per_task + start_step)
+        for t in range(start_task, len(tasks)):
+            stream = run.train_task(t, start_step if t == start_task else 0, progress, bar)
+            run.end_task(t, stream, score)
+    cursor.record["seconds"] = round(time.perf_counter() - run.started, 2)
+    result = stage_result(stage, cursor.record, run.parent, cursor.state.params)
+    return cursor.state.params, result
 
 
 def _check_finite(pending, stage: StageSpec, task: TaskData, parent: str | None) -> None:

@@ -6,8 +6,11 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
+
+from jaxcl import methods
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -36,6 +39,7 @@ def make_train_step(
     batch_sharding: Any = None,
     frozen_shardings: Any = None,
     memory_grads: bool = False,
+    accum_steps: int = 1,
 ):
     """``step(state, batch, frozen, memory) -> (state, metrics)``, jitted, the state donated.
 
@@ -43,12 +47,35 @@ def make_train_step(
     :mod:`jaxcl.objectives.bound`). With ``memory_grads=True`` the gradient of the objective on
     the ``memory`` batch (examples of earlier tasks) reaches the chain as the extra argument
     ``memory_grads`` (A-GEM); otherwise ``memory`` is ignored and may be ``None``.
+    With ``accum_steps > 1`` the batch is split into that many micro-batches whose gradients and
+    metrics are averaged (each micro-batch's loss is its own mean, as in most LLM trainers).
     Metrics include the objective's, and the global gradient norm.
     """
 
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def single(params, batch: Batch, frozen: dict) -> tuple[Metrics, Any]:
+        (_, metrics), grads = value_and_grad(params, batch, frozen)
+        return metrics, grads
+
+    def grad_fn(params, batch: Batch, frozen: dict) -> tuple[Metrics, Any]:
+        """Metrics and gradients, averaged over ``accum_steps`` micro-batches (a scan, so the
+        activations of one micro-batch are live at a time)."""
+        if accum_steps == 1:
+            return single(params, batch, frozen)
+        micro = jax.tree.map(
+            lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch
+        )
+
+        def body(total, one):
+            return jax.tree.map(jnp.add, total, single(params, one, frozen)), None
+
+        shapes = jax.eval_shape(single, params, jax.tree.map(lambda x: x[0], micro), frozen)
+        total, _ = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, shapes), micro)
+        return jax.tree.map(lambda x: x / accum_steps, total)
+
     def step(state: TrainState, batch: Batch, frozen: dict, memory: Batch | None):
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (_, metrics), grads = grad_fn(state.params, batch, frozen)
+        metrics, grads = grad_fn(state.params, batch, frozen)
         extra = {}
         if memory_grads:
             extra["memory_grads"] = grad_fn(state.params, memory, frozen)[1]
@@ -70,13 +97,7 @@ def make_train_step(
 
 def state_shardings_for(tx, params, param_shardings, replicated) -> TrainState:
     """Shardings of a whole :class:`TrainState`: every parameter-shaped leaf of the optimizer
-    state (moments, EWC anchors and Fishers...) follows its parameter; scalars are replicated."""
-    abstract = jax.eval_shape(tx.init, params)
-    opt_shardings = optax.tree_map_params(
-        tx,
-        lambda _, sharding: sharding,
-        abstract,
-        param_shardings,
-        transform_non_params=lambda _: replicated,
-    )
-    return TrainState(replicated, param_shardings, opt_shardings)
+    state (moments, EWC anchors and Fishers, GPM bases...) follows its parameter's mesh axes;
+    scalars are replicated (see :func:`jaxcl.methods.state_shardings`)."""
+    opt = methods.state_shardings(tx, params, param_shardings, replicated)
+    return TrainState(replicated, param_shardings, opt)

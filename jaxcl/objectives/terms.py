@@ -1,0 +1,305 @@
+"""Composite objectives: ``L(θ) = Σ_k w_k · L_k(θ)`` over weighted terms, in any stage kind.
+
+Every term reads one :class:`Pass` over the batch, so the policy's logits are computed once per
+step however many terms there are, and a frozen tree's logits at most once. A batch is either
+``{tokens, loss_mask}`` (text and instruction data) or ``{chosen_tokens, chosen_mask,
+rejected_tokens, rejected_mask}`` (preference pairs; the chosen and rejected sequences run as one
+batch of ``2B`` rows, chosen first). Terms:
+
+=========  ==============================================================================
+``lm``     masked causal-LM NLL (on the chosen response of preference pairs: SFT / ORPO's NLL)
+``dpo``    :func:`~jaxcl.objectives.preference.dpo_loss` (sigmoid, IPO, hinge, SimPO) vs the
+           reference; SimPO uses length-normalised log-probs and no reference
+``orpo``   :func:`~jaxcl.objectives.preference.orpo_loss` on length-normalised log-probs
+``cppo``   :func:`~jaxcl.objectives.retention.cppo_penalty` against a frozen tree, mean over rows
+``kl``     :func:`~jaxcl.objectives.retention.token_kl`, masked mean over target tokens
+``distill``:func:`~jaxcl.objectives.retention.distill_kl`, masked mean over target tokens
+=========  ==============================================================================
+
+The metrics hold ``loss`` (the weighted sum), ``terms/<name>`` (each unweighted term) and the
+terms' own metrics (TRL's ``rewards/*`` and ``logps/*`` for preference terms).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxcl.objectives.bound import Batch, Metrics, Objective
+from jaxcl.objectives.lm import token_logps
+from jaxcl.objectives.preference import (
+    REFERENCE_FREE_KINDS,
+    dpo_loss,
+    orpo_log_odds,
+    orpo_loss,
+    preference_metrics,
+)
+from jaxcl.objectives.retention import (
+    confidence_weights,
+    cppo_penalty,
+    distill_kl,
+    masked_mean,
+    token_kl,
+)
+
+#: batch keys holding precomputed reference sequence log-probs of preference pairs (TRL's names)
+REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
+#: optional batch key of per-example retention weights ``[B]`` (multiplies the CPPO weights)
+SAMPLE_WEIGHT_KEY = "sample_weight"
+
+
+class Pass:
+    """One batch as every term sees it: the policy's logits once, frozen trees' on demand."""
+
+    def __init__(self, apply, params, batch: Batch, frozen: dict[str, Any]) -> None:
+        self.apply, self.params, self.batch, self.frozen = apply, params, batch, frozen
+        self.pairs = "chosen_tokens" in batch
+        if self.pairs:
+            tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]], axis=0)
+            mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)
+            self.half = batch["chosen_tokens"].shape[0]
+        else:
+            tokens, mask = batch["tokens"], batch["loss_mask"]
+            self.half = tokens.shape[0]
+        self.inputs, self.targets = tokens[:, :-1], tokens[:, 1:]
+        self.mask = mask[:, 1:].astype(jnp.float32)
+        self._logits: dict[str, jax.Array] = {}
+        self._logps: dict[str, jax.Array] = {}
+
+    def logits(self, tree: str = "policy") -> jax.Array:
+        """``[R, T, V]`` logits of the policy or of frozen tree ``tree`` (no gradient)."""
+        if tree not in self._logits:
+            if tree == "policy":
+                self._logits[tree] = self.apply(self.params, self.inputs)
+            else:
+                if tree not in self.frozen:
+                    raise KeyError(
+                        f"objective: frozen tree {tree!r} was not supplied by the trainer "
+                        f"(have {sorted(self.frozen)})"
+                    )
+                out = self.apply(self.frozen[tree], self.inputs)
+                self._logits[tree] = jax.lax.stop_gradient(out)
+        return self._logits[tree]
+
+    def token_logps(self, tree: str = "policy") -> jax.Array:
+        """``[R, T]`` log-probs of the targets (0 where the mask is 0)."""
+        if tree not in self._logps:
+            self._logps[tree] = token_logps(self.logits(tree), self.targets) * self.mask
+        return self._logps[tree]
+
+    def seq_logps(self, tree: str = "policy") -> jax.Array:
+        """``[R]`` summed target log-probs."""
+        return jnp.sum(self.token_logps(tree), axis=-1)
+
+    @property
+    def lengths(self) -> jax.Array:
+        return jnp.maximum(jnp.sum(self.mask, axis=-1), 1.0)
+
+    def split(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return x[: self.half], x[self.half :]
+
+
+TermFn = Callable[[Pass], tuple[jax.Array, Metrics]]
+
+
+@dataclass(frozen=True)
+class Term:
+    """``weight · fn(pass)``; ``frozen`` names the trees ``fn`` reads, ``pairs`` whether it needs
+    preference pairs."""
+
+    name: str
+    weight: float
+    fn: TermFn
+    frozen: tuple[str, ...] = ()
+    pairs: bool = False
+
+
+def lm_term(weight: float = 1.0) -> Term:
+    """Masked causal-LM NLL; on preference pairs, of the chosen responses only."""
+
+    def fn(p: Pass) -> tuple[jax.Array, Metrics]:
+        nll = -p.token_logps()
+        mask = p.mask
+        if p.pairs:
+            nll, mask = nll[: p.half], mask[: p.half]
+        value = masked_mean(nll, mask)
+        return value, {}
+
+    return Term("lm", weight, fn)
+
+
+def dpo_term(
+    weight: float = 1.0,
+    *,
+    beta: float,
+    kind: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+    reference: str = "reference",
+    precomputed: bool = False,
+) -> Term:
+    """DPO (or IPO, hinge, SimPO) against frozen tree ``reference`` (unless reference-free);
+    with ``precomputed`` the reference log-probs come from the batch (:data:`REF_KEYS`)."""
+    free = kind in REFERENCE_FREE_KINDS
+
+    def fn(p: Pass) -> tuple[jax.Array, Metrics]:
+        pol = p.seq_logps()
+        if free:
+            pol_c, pol_r = p.split(pol / p.lengths)
+            ref_c = ref_r = jnp.zeros_like(pol_c)
+        else:
+            if precomputed:
+                missing = [k for k in REF_KEYS if k not in p.batch]
+                if missing:
+                    raise KeyError(
+                        f"dpo: reference.logps is 'precomputed' but the batch lacks {missing}; "
+                        "the trainer must add them with "
+                        "jaxcl.objectives.reference.annotate_reference_logps"
+                    )
+                ref = jnp.concatenate([p.batch[k] for k in REF_KEYS], axis=0)
+            else:
+                ref = p.seq_logps(reference)
+            pol_c, pol_r = p.split(pol)
+            ref_c, ref_r = p.split(jax.lax.stop_gradient(ref))
+        losses = dpo_loss(
+            pol_c,
+            pol_r,
+            ref_c,
+            ref_r,
+            beta=beta,
+            kind=kind,
+            label_smoothing=label_smoothing,
+            simpo_gamma=simpo_gamma,
+        )
+        metrics = preference_metrics(pol_c, pol_r, ref_c, ref_r, beta=beta)
+        logits = p.logits()
+        mean_logits = jnp.mean(logits.astype(jnp.float32), axis=-1)
+        lc, lr = p.split(mean_logits)
+        mc, mr = p.split(p.mask)
+        metrics["logits/chosen"] = masked_mean(lc, mc)
+        metrics["logits/rejected"] = masked_mean(lr, mr)
+        return jnp.mean(losses), metrics
+
+    frozen = () if free or precomputed else (reference,)
+    return Term("dpo", weight, fn, frozen, pairs=True)
+
+
+def orpo_term(weight: float = 0.1) -> Term:
+    """ORPO's odds-ratio term ``−log σ(z)`` on length-normalised log-probs (weight = ORPO's λ)."""
+
+    def fn(p: Pass) -> tuple[jax.Array, Metrics]:
+        mean_c, mean_r = p.split(p.seq_logps() / p.lengths)
+        z = orpo_log_odds(mean_c, mean_r)
+        metrics = {
+            "orpo/log_odds_ratio": jnp.mean(jax.nn.log_sigmoid(z)),
+            "orpo/log_odds_chosen": jnp.mean(z),
+        }
+        return jnp.mean(orpo_loss(mean_c, mean_r)), metrics
+
+    return Term("orpo", weight, fn, pairs=True)
+
+
+def cppo_term(
+    weight: float = 1.0,
+    *,
+    against: str = "task_start",
+    weighting: str = "uniform",
+    length_normalized: bool = False,
+) -> Term:
+    """CPPO-style ``mean_i w_i (log π_θ(y_i|x_i) − log π_prev(y_i|x_i))²`` over every row
+    (both responses of preference pairs); weight = the formula's β."""
+    if weighting not in ("uniform", "confidence"):
+        raise ValueError(f"cppo: unknown weighting {weighting!r}; valid: uniform, confidence")
+
+    def fn(p: Pass) -> tuple[jax.Array, Metrics]:
+        pol, prev = p.seq_logps(), jax.lax.stop_gradient(p.seq_logps(against))
+        if length_normalized:
+            pol, prev = pol / p.lengths, prev / p.lengths
+        w = None
+        if weighting == "confidence":
+            w = confidence_weights(p.seq_logps(against) / p.lengths)
+        if SAMPLE_WEIGHT_KEY in p.batch:
+            sw = p.batch[SAMPLE_WEIGHT_KEY].astype(jnp.float32)
+            sw = jnp.concatenate([sw, sw]) if p.pairs else sw
+            w = sw if w is None else w * sw
+        penalty = cppo_penalty(pol, prev, w)
+        return jnp.mean(penalty), {"cppo/logp_shift": jnp.mean(pol - prev)}
+
+    return Term("cppo", weight, fn, (against,))
+
+
+def kl_term(
+    weight: float = 1.0, *, against: str = "task_start", direction: str = "reverse"
+) -> Term:
+    """Exact token-level KL to a frozen policy: ``reverse`` = ``KL(π_θ ‖ π_prev)`` (RLHF's
+    direction), ``forward`` = ``KL(π_prev ‖ π_θ)``; masked mean over target tokens."""
+    if direction not in ("reverse", "forward"):
+        raise ValueError(f"kl: unknown direction {direction!r}; valid: reverse, forward")
+
+    def fn(p: Pass) -> tuple[jax.Array, Metrics]:
+        pol, prev = p.logits(), p.logits(against)
+        kl = token_kl(pol, prev) if direction == "reverse" else token_kl(prev, pol)
+        return masked_mean(kl, p.mask), {}
+
+    return Term("kl", weight, fn, (against,))
+
+
+def distill_term(
+    weight: float = 1.0,
+    *,
+    against: str = "task_start",
+    temperature: float = 1.0,
+    top_k: int | None = None,
+) -> Term:
+    """LwF / knowledge distillation from a frozen teacher: masked mean of ``T² KL(p̃_T ‖ q_T)``."""
+
+    def fn(p: Pass) -> tuple[jax.Array, Metrics]:
+        kl = distill_kl(p.logits(against), p.logits(), temperature=temperature, top_k=top_k)
+        return masked_mean(kl, p.mask), {}
+
+    return Term("distill", weight, fn, (against,))
+
+
+def compose_objective(
+    apply,
+    terms: Sequence[Term],
+    *,
+    precompute: tuple[str, ...] = (),
+    reference_checkpoint: str | None = None,
+) -> Objective:
+    """One :class:`Objective` whose loss is ``Σ_k w_k L_k`` and whose ``frozen`` is the union of
+    the trees its terms read. A term of weight 0 is still computed and logged (not trained)."""
+    terms = tuple(terms)
+    if not terms:
+        raise ValueError("an objective needs at least one term")
+    names = [t.name for t in terms]
+    if len(set(names)) != len(names):
+        raise ValueError(f"objective terms must be unique, got {names}")
+    frozen = tuple(dict.fromkeys(f for t in terms for f in t.frozen))
+
+    def loss_fn(params, batch: Batch, frozen_trees) -> tuple[jax.Array, Metrics]:
+        p = Pass(apply, params, batch, frozen_trees)
+        total = jnp.zeros((), jnp.float32)
+        metrics: Metrics = {}
+        for term in terms:
+            if term.pairs and not p.pairs:
+                raise ValueError(f"objective term {term.name!r} needs preference pairs")
+            value, extra = term.fn(p)
+            total = total + term.weight * value
+            metrics[f"terms/{term.name}"] = value
+            for key, v in extra.items():
+                metrics.setdefault(key, v)
+        metrics["loss"] = total
+        return total, metrics
+
+    return Objective(
+        loss_fn,
+        frozen=frozen,
+        precompute=precompute,
+        reference_checkpoint=reference_checkpoint,
+        terms=tuple(names),
+    )
