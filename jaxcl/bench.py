@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pydantic
 from flax import nnx
 from pydantic import TypeAdapter
 
@@ -80,29 +81,47 @@ def random_batch(cfg: ModelConfig, batch: int, seq: int, seed: int = 0) -> dict[
 
 
 def method_specs(names: Sequence[str]) -> list[Any]:
-    """Recipe method entries with default arguments, e.g. ``["ewc", "agem"]``."""
+    """Recipe method entries from ``NAME`` or ``NAME:key=value,key=value`` (values parsed as
+    YAML), e.g. ``["ewc", "agem", "freeze:include=embed"]``; other arguments take defaults."""
+    import yaml
+
     from jaxcl.methods.specs import MethodSpec
 
     adapter = TypeAdapter(MethodSpec)
-    return [adapter.validate_python({"name": name}) for name in names]
+    specs = []
+    for text in names:
+        name, _, args = text.partition(":")
+        entry: dict[str, Any] = {"name": name}
+        for pair in filter(None, args.split(",")):
+            key, _, value = pair.partition("=")
+            entry[key] = yaml.safe_load(value)
+        try:
+            specs.append(adapter.validate_python(entry))
+        except pydantic.ValidationError as err:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'][1:])) or 'name'}: {e['msg']}" for e in err.errors()
+            )
+            raise ValueError(f"--method {text!r}: {problems}") from None
+    return specs
 
 
 def time_jaxcl(
     cfg: ModelConfig,
     batch: dict[str, np.ndarray],
-    methods: Sequence[str] = (),
+    methods: Sequence[Any] = (),
     *,
     warmup: int = 2,
     steps: int = 5,
     peak_flops: float | None = None,
 ) -> Timing:
-    """Time one jitted AdamW step (plus ``methods``) of ``cfg`` on ``batch``."""
+    """Time one jitted AdamW step (plus ``methods``, recipe method entries) of ``cfg`` on
+    ``batch``."""
     model = Decoder(cfg, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(state)
     del model, state
     spec = OptimizerSpec(lr=1e-4, warmup_steps=0, schedule="constant", clip_norm=None)
-    tx, compiled = build_chain(spec, 1000, method_specs(methods))
+    tx, compiled = build_chain(spec, 1000, methods)
     objective = lm_objective(make_apply(graphdef))
     step_fn = make_train_step(objective.loss_fn, tx, memory_grads=compiled.needs_memory_grads)
     device_batch = jax.tree.map(jnp.asarray, batch)
@@ -117,7 +136,7 @@ def time_jaxcl(
     tokens = batch["tokens"].shape[0] * (batch["tokens"].shape[1] - 1)
     n_params = sum(x.size for x in jax.tree.leaves(holder["state"].params))
     mfu = 6 * n_params * tokens / median / peak_flops if peak_flops else None
-    label = "jaxcl adamw" + "".join(f" + {m}" for m in methods)
+    label = "jaxcl adamw" + "".join(f" + {m.name}" for m in methods)
     return Timing(label, median, first, tokens / median, _peak_rss_gib(), mfu)
 
 
@@ -173,11 +192,12 @@ def bench(
 ) -> list[Timing]:
     """Plain AdamW first, then each method, then torch: every figure from this one process."""
     cfg = preset(preset_name)
+    specs = method_specs(methods)  # every bad --method fails before any timing
     batch = random_batch(cfg, batch_size, seq_len)
     timings = [time_jaxcl(cfg, batch, (), warmup=warmup, steps=steps, peak_flops=peak_flops)]
-    for name in methods:
+    for spec in specs:
         timings.append(
-            time_jaxcl(cfg, batch, (name,), warmup=warmup, steps=steps, peak_flops=peak_flops)
+            time_jaxcl(cfg, batch, (spec,), warmup=warmup, steps=steps, peak_flops=peak_flops)
         )
     if compare_torch:
         timings.append(time_torch(cfg, batch, warmup=warmup, steps=steps))
