@@ -23,6 +23,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxcl.parallel import to_host
+
 ITEMS = ("params", "opt_state", "frozen", "replay", "manifest")
 
 
@@ -134,7 +136,7 @@ def params_digest(params: Any) -> str:
     """sha256 over every parameter's bytes, in tree order: equal digests mean equal bits."""
     digest = hashlib.sha256()
     for leaf in jax.tree.leaves(params):
-        array = np.asarray(jax.device_get(leaf))
+        array = to_host(leaf)
         digest.update(str((array.shape, array.dtype)).encode())
         digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()

@@ -14,7 +14,9 @@ EXAMPLES = {
     "run": """examples:
   jaxcl run recipes/quickstart.yaml
   jaxcl run recipes/quickstart.yaml out_dir=/tmp/qs stages.1.steps_per_task=40
-  jaxcl run recipes/quickstart.yaml 'stages.0.methods=[{name: l2_anchor, lam: 1.0}]'""",
+  jaxcl run recipes/quickstart.yaml 'stages.0.methods=[{name: l2_anchor, lam: 1.0}]'
+  # two processes (on a pod or cluster, JAXCL_DISTRIBUTED=auto detects them instead):
+  jaxcl run RECIPE --coordinator host0:8476 --num-processes 2 --process-id 0""",
     "methods": "example:\n  jaxcl methods",
     "report": "example:\n  jaxcl report runs/quickstart",
     "convert": """examples:
@@ -38,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a recipe", epilog=EXAMPLES["run"], formatter_class=fmt)
     run.add_argument("recipe", help="path to a recipe YAML file")
     run.add_argument("overrides", nargs="*", help="key.path=value overrides of recipe fields")
+    run.add_argument("--coordinator", help="multi-process: the coordinator's host:port")
+    run.add_argument("--num-processes", type=int, help="multi-process: how many processes")
+    run.add_argument("--process-id", type=int, help="multi-process: this process's index")
     run.add_argument(
         "--overwrite",
         action="store_true",
@@ -84,13 +89,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from jaxcl import parallel
     from jaxcl.recipe import load_recipe
     from jaxcl.report import write_report
     from jaxcl.train.runner import run_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides)  # bad recipes fail before any device work
+    parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     run_recipe(recipe, overwrite=args.overwrite)
-    print(f"report: {write_report(recipe.out_dir)}")
+    if parallel.is_primary():
+        print(f"report: {write_report(recipe.out_dir)}")
     return 0
 
 

@@ -120,3 +120,76 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+# ----------------------------------------------------------------------------- multi-host
+
+
+def initialize_distributed(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> bool:
+    """Join a multi-process run when the arguments or the environment say so.
+
+    * explicit ``coordinator`` (``host:port``), ``num_processes`` and ``process_id``, or the
+      environment variables ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
+      ``JAX_PROCESS_ID``;
+    * ``JAXCL_DISTRIBUTED=auto``: let JAX detect the cluster (Cloud TPU pods, SLURM, ...).
+
+    On CPU the collectives go through gloo. Returns whether a multi-process run was joined.
+    Must run before anything touches the devices.
+    """
+    import os
+
+    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
+        num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+    if process_id is None and os.environ.get("JAX_PROCESS_ID"):
+        process_id = int(os.environ["JAX_PROCESS_ID"])
+    auto = os.environ.get("JAXCL_DISTRIBUTED") == "auto"
+    if coordinator is None and not auto:
+        return False
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if auto and coordinator is None:
+        jax.distributed.initialize()
+    else:
+        if num_processes is None or process_id is None:
+            raise ValueError(
+                "a multi-process run needs the coordinator address, the number of processes and "
+                "this process's id (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)"
+            )
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    return True
+
+
+def is_primary() -> bool:
+    """Whether this process writes the run's files (results, manifests, logs)."""
+    return jax.process_index() == 0
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A global array's value on this host, gathering shards held by other processes."""
+    if getattr(x, "is_fully_addressable", True) or x.is_fully_replicated:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def put_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Place a host batch as global arrays: every process holds the whole batch and supplies
+    the shards its devices own (on one process this is ``jax.device_put``)."""
+    if jax.process_count() == 1:
+        return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+    return {
+        k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
+        for k, v in batch.items()
+    }
+
+
+def barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcl.objectives import token_logps
+from jaxcl.parallel import to_host
 
 METRICS = ("perplexity", "exact_match", "pref_accuracy")
 HIGHER_IS_BETTER = {"perplexity": False, "exact_match": True, "pref_accuracy": True}
@@ -39,8 +40,13 @@ def make_batch_scorer(apply: Callable[..., jax.Array]):
 def _rows(score, params, batches, tokens_key, mask_key):
     nll, count, correct, valid = [], [], [], []
     for batch in batches:
-        n, c, ok = jax.device_get(score(params, batch[tokens_key], batch[mask_key]))
-        nll.append(n), count.append(c), correct.append(ok), valid.append(batch["valid"] > 0)
+        n, c, ok = (to_host(x) for x in score(params, batch[tokens_key], batch[mask_key]))
+        (
+            nll.append(n),
+            count.append(c),
+            correct.append(ok),
+            valid.append(to_host(batch["valid"]) > 0),
+        )
     keep = np.concatenate(valid)
     return (np.concatenate(nll)[keep], np.concatenate(count)[keep], np.concatenate(correct)[keep])
 

@@ -57,8 +57,7 @@ class RunContext:
         self.scorer = make_batch_scorer(self.apply)
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        sharding = parallel.batch_sharding(self.mesh, self.rules)
-        return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+        return parallel.put_global(batch, parallel.batch_sharding(self.mesh, self.rules))
 
     def probe(self, params) -> dict[str, Any] | None:
         """General, instruction-following and safety probe scores (``recipe.probes``)."""
@@ -70,7 +69,8 @@ class RunContext:
         """Record a checkpoint in ``manifest.json`` (rewritten atomically after each save)."""
         self.checkpoints = [c for c in self.checkpoints if c["path"] != entry["path"]]
         self.checkpoints.append({k: v for k, v in entry.items() if v is not None or k == "parent"})
-        _write_json(self.out / "manifest.json", {"checkpoints": self.checkpoints})
+        if parallel.is_primary():
+            _write_json(self.out / "manifest.json", {"checkpoints": self.checkpoints})
 
 
 def _write_json(path: Path, payload: Any) -> None:
@@ -99,8 +99,9 @@ def _prepare_out_dir(out: Path, recipe: Recipe, overwrite: bool, console: Consol
         previous = json.loads(stamp.read_text()).get("recipe_sha256") if stamp.exists() else None
         if overwrite:
             console.print(f"--overwrite: removing the previous run in {out}")
-            shutil.rmtree(out / "checkpoints")
-            (out / "manifest.json").unlink(missing_ok=True)
+            if parallel.is_primary():
+                shutil.rmtree(out / "checkpoints")
+                (out / "manifest.json").unlink(missing_ok=True)
         elif previous != recipe.fingerprint():
             raise RunDirError(
                 f"{out} holds the run of a different recipe (or unknown files); choose another "
@@ -108,8 +109,9 @@ def _prepare_out_dir(out: Path, recipe: Recipe, overwrite: bool, console: Consol
             )
         else:
             resumable = True
-    out.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps({"recipe": recipe.name, "recipe_sha256": recipe.fingerprint()}))
+    if parallel.is_primary():
+        out.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps({"recipe": recipe.name, "recipe_sha256": recipe.fingerprint()}))
     return resumable
 
 
@@ -244,9 +246,10 @@ def run_recipe(
 ) -> dict[str, Any]:
     """Run (or resume) every stage of ``recipe``; writes checkpoints, ``metrics.jsonl``,
     ``manifest.json`` and ``results.json`` under ``recipe.out_dir`` and returns the results."""
-    console = console or Console()
+    console = console or Console(quiet=not parallel.is_primary())
     out = Path(recipe.out_dir)
     resumable = _prepare_out_dir(out, recipe, overwrite, console)
+    parallel.barrier("jaxcl: run folder ready")
     started = time.perf_counter()
     mesh = parallel.make_mesh(recipe.mesh.model_dump())
     rules = [tuple(r) for r in recipe.rules] if recipe.rules else parallel.DEFAULT_RULES
@@ -260,7 +263,8 @@ def run_recipe(
     )
     point = _find_resume_point(ctx, params) if resumable else None
     if point is None:
-        (out / "metrics.jsonl").write_text("")
+        if parallel.is_primary():
+            (out / "metrics.jsonl").write_text("")
         point = ResumePoint(0, None, params, None, [])
     else:
         if (out / "manifest.json").exists():
@@ -268,7 +272,8 @@ def run_recipe(
         names_done = {s["name"] for s in point.finished}
         resumed_stage = recipe.stages[point.stage].name if point.cursor else None
         upto = int(point.cursor.state.step) if point.cursor else 0
-        _trim_metrics_log(out / "metrics.jsonl", names_done, resumed_stage, upto)
+        if parallel.is_primary():
+            _trim_metrics_log(out / "metrics.jsonl", names_done, resumed_stage, upto)
         console.print(f"resuming from {point.parent}")
     stages, parent, params = list(point.finished), point.parent, point.params
     for result in stages:
@@ -294,6 +299,7 @@ def run_recipe(
         history = [stages[0]["probes_before"]] + [s["probes_after"] for s in stages]
         results["probes"] = {"scores": history, **probe_deltas(history)}
         _print_probes(console, results["probes"])
-    _write_json(out / "results.json", results)
+    if parallel.is_primary():
+        _write_json(out / "results.json", results)
     console.print(f"results: {out / 'results.json'}  ({results['seconds']}s)")
     return results

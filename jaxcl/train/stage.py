@@ -276,11 +276,12 @@ class StageRun:
         return stream
 
     def log_metrics(self, task: TaskData, metrics, progress, bar) -> None:
-        entry = {key: float(v) for key, v in jax.device_get(metrics).items()}
+        entry = {key: float(parallel.to_host(v)) for key, v in metrics.items()}
         entry.update(self.speed.read(), stage=self.stage.name, task=task.name)
         entry["step"] = int(self.cursor.state.step)
         self.cursor.record["losses"].append(entry)
-        self.log.write(json.dumps(entry) + "\n")
+        if parallel.is_primary():
+            self.log.write(json.dumps(entry) + "\n")
         progress.update(bar, loss=f"{entry['loss']:.3f}")
 
     def end_task(self, t: int, stream, score) -> None:
@@ -414,7 +415,7 @@ def _check_finite(pending, stage: StageSpec, task: TaskData, parent: str | None)
     if pending is None:
         return
     k, metrics = pending
-    loss = float(metrics["loss"])
+    loss = float(parallel.to_host(metrics["loss"]))
     if not np.isfinite(loss):
         raise TrainingDiverged(
             f"loss is {loss} at stage {stage.name!r}, task {task.name!r}, step {k + 1} of the "

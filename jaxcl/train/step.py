@@ -90,7 +90,7 @@ def make_train_step(
     return jax.jit(
         step,
         in_shardings=(state_shardings, batch_sharding, frozen_shardings, memory_sharding),
-        out_shardings=(state_shardings, None),
+        out_shardings=(state_shardings, state_shardings.step),  # metrics: replicated
         donate_argnums=0,
     )
 
