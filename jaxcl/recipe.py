@@ -45,6 +45,9 @@ class OptimizerSpec(Strict):
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(10, ge=0)
     schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    rewarm: Literal["stage", "task"] = Field(
+        "stage", description="restart warm-up and decay at each stage, or at each task"
+    )
     end_lr_factor: float = Field(0.1, ge=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
     b1: float = Field(0.9, ge=0, lt=1)

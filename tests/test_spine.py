@@ -1,6 +1,7 @@
 """End to end: the quickstart recipe through all three stages, as the README runs it."""
 
 import json
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,19 @@ from jaxcl.train.step import make_apply
 
 ROOT = Path(__file__).parent.parent
 pytestmark = pytest.mark.slow
+
+
+def _scalar_tags(path: Path) -> set[str]:
+    """Scalar tags in a TFRecord file of TensorBoard ``Event`` protos."""
+    from tensorboardX.proto import event_pb2
+
+    data, tags, offset = path.read_bytes(), set(), 0
+    while offset < len(data):
+        (length,) = struct.unpack("<Q", data[offset : offset + 8])
+        event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+        tags.update(v.tag for v in event.summary.value)
+        offset += 12 + length + 4
+    return tags
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +73,10 @@ def test_run_folder_holds_results_checkpoints_and_manifest(quickstart):
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(logged) > 10 and all(e["tokens_per_s"] > 0 and "grad_norm" in e for e in logged)
     assert "stage cit" in stdout and "bwt" in stdout
+    # TensorBoard event files beside metrics.jsonl, with the logged scalars.
+    (events,) = (out / "tensorboard" / "cit").glob("events.out.tfevents.*")
+    tags = _scalar_tags(events)
+    assert {"cit/loss", "cit/grad_norm", "cit/tokens_per_s"} <= tags
 
 
 def test_cit_learns_and_cpt_reports_per_domain_perplexity(quickstart):

@@ -76,3 +76,15 @@ def test_lr_schedule_warms_up_then_decays(schedule):
     assert float(f(0)) == pytest.approx(0.25) and float(f(4)) == pytest.approx(1.0)
     end = float(f(20))
     assert end == pytest.approx(1.0 if schedule == "constant" else 0.1, rel=1e-5)
+
+
+def test_rewarm_per_task_restarts_the_schedule():
+    spec = OptimizerSpec(
+        lr=1.0, warmup_steps=2, schedule="linear", end_lr_factor=0.0, rewarm="task"
+    )
+    f = lr_schedule(spec, total_steps=30, task_steps=10)
+    first = [float(f(k)) for k in range(10)]
+    assert [float(f(k)) for k in range(10, 20)] == pytest.approx(first)
+    assert first[0] == pytest.approx(0.5) and first[2] == pytest.approx(1.0) and first[9] < 0.2
+    whole = lr_schedule(spec.model_copy(update={"rewarm": "stage"}), 30, 10)
+    assert float(whole(10)) > 0.5  # one schedule over the stage: no restart at step 10

@@ -9,26 +9,33 @@ from jaxcl.methods.specs import CompiledMethods, compile_methods
 from jaxcl.recipe import OptimizerSpec
 
 
-def lr_schedule(spec: OptimizerSpec, total_steps: int) -> optax.Schedule:
-    """Linear warm-up to ``lr``, then constant, cosine or linear decay to ``lr·end_lr_factor``."""
-    warmup = min(spec.warmup_steps, max(total_steps - 1, 0))
+def lr_schedule(
+    spec: OptimizerSpec, total_steps: int, task_steps: int | None = None
+) -> optax.Schedule:
+    """Linear warm-up to ``lr``, then constant, cosine or linear decay to ``lr·end_lr_factor``,
+    over the stage's ``total_steps``; with ``rewarm: task`` the same shape restarts at every
+    task start (each ``task_steps`` steps), re-warming the rate for each new task."""
+    period = task_steps if spec.rewarm == "task" and task_steps else total_steps
+    warmup = min(spec.warmup_steps, max(period - 1, 0))
     end = spec.lr * spec.end_lr_factor
-    decay_steps = max(total_steps - warmup, 1)
+    decay_steps = max(period - warmup, 1)
     if spec.schedule == "constant":
         after = optax.constant_schedule(spec.lr)
     elif spec.schedule == "cosine":
         after = optax.cosine_decay_schedule(spec.lr, decay_steps, alpha=spec.end_lr_factor)
     else:
         after = optax.linear_schedule(spec.lr, end, decay_steps)
-    if warmup == 0:
-        return after
-    return optax.join_schedules(
-        [optax.linear_schedule(spec.lr / max(warmup, 1), spec.lr, warmup), after], [warmup]
-    )
+    shape = after
+    if warmup:
+        ramp = optax.linear_schedule(spec.lr / max(warmup, 1), spec.lr, warmup)
+        shape = optax.join_schedules([ramp, after], [warmup])
+    if period == total_steps:
+        return shape
+    return lambda count: shape(count % period)
 
 
 def build_chain(
-    spec: OptimizerSpec, total_steps: int, methods: list
+    spec: OptimizerSpec, total_steps: int, methods: list, task_steps: int | None = None
 ) -> tuple[optax.GradientTransformationExtraArgs, CompiledMethods]:
     """``chain(*front methods, clip_by_global_norm, adamw, *behind methods)``.
 
@@ -37,7 +44,7 @@ def build_chain(
     zero or scale the final update, weight decay included. Returns the chain and what the method
     list compiled to (memory needs).
     """
-    schedule = lr_schedule(spec, total_steps)
+    schedule = lr_schedule(spec, total_steps, task_steps)
     compiled = compile_methods(methods, learning_rate=schedule)
     parts = list(compiled.front)
     if spec.clip_norm is not None:

@@ -9,6 +9,7 @@ and ``k``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -74,7 +75,9 @@ class StageProgram:
 
 
 def compile_stage(ctx, stage: StageSpec, params, total_steps: int) -> StageProgram:
-    tx, compiled = build_chain(ctx.recipe.stage_optimizer(stage), total_steps, stage.methods)
+    tx, compiled = build_chain(
+        ctx.recipe.stage_optimizer(stage), total_steps, stage.methods, stage.steps_per_task
+    )
     shardings = state_shardings_for(tx, params, ctx.param_shardings, parallel.replicated(ctx.mesh))
     objective = stage_objective(stage, ctx.apply)
     step_fn = make_train_step(
@@ -170,6 +173,15 @@ def _throughput(ctx, stage: StageSpec, params) -> Throughput:
     )
 
 
+def _event_writer(folder, stage_name: str):
+    """TensorBoard event files under ``OUT/tensorboard/<stage>`` (primary process only)."""
+    from tensorboardX import SummaryWriter
+
+    if not parallel.is_primary():
+        return contextlib.nullcontext()
+    return SummaryWriter(str(folder / stage_name), flush_secs=10)
+
+
 def _progress(console: Console) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -195,6 +207,7 @@ class StageRun:
     cursor: Cursor
     parent: str | None
     log: Any = None
+    events: Any = None  # TensorBoard event writer (beside metrics.jsonl)
     speed: Throughput | None = None
     started: float = 0.0
 
@@ -282,6 +295,9 @@ class StageRun:
         self.cursor.record["losses"].append(entry)
         if parallel.is_primary():
             self.log.write(json.dumps(entry) + "\n")
+            for key, value in entry.items():
+                if isinstance(value, float):
+                    self.events.add_scalar(f"{self.stage.name}/{key}", value, entry["step"])
         progress.update(bar, loss=f"{entry['loss']:.3f}")
 
     def end_task(self, t: int, stream, score) -> None:
@@ -400,6 +416,7 @@ def run_stage(
     with (
         _progress(ctx.console) as progress,
         (ctx.out / "metrics.jsonl").open("a", buffering=1) as run.log,
+        _event_writer(ctx.out / "tensorboard", stage.name) as run.events,
     ):
         bar = progress.add_task(stage.name, total=total_steps, loss="-")
         progress.advance(bar, start_task * stage.steps_per_task + start_step)
