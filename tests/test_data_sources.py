@@ -344,3 +344,21 @@ def test_chat_with_the_byte_tokenizer_and_bad_messages():
     with pytest.raises(ValueError, match=r"row \d: field 'messages' has no assistant message"):
         path_spec.load("train")
     assert np.asarray(enc["tokens"]).dtype == np.int32
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        (
+            {"prompt": "p", "chosen": "same", "rejected": " same "},
+            "line 2: chosen and rejected are identical",
+        ),
+        ({"prompt": "p", "chosen": "yes"}, r"line 2: field 'rejected' .* missing"),
+    ],
+)
+def test_bad_preference_rows_name_file_and_line(tmp_path, row, message):
+    good = {"prompt": "p", "chosen": "yes", "rejected": "no"}
+    path = _jsonl(tmp_path / "prefs.jsonl", [json.dumps(good), json.dumps(row)])
+    spec = DataSpec(source={"type": "jsonl", "kind": "preference", "train": str(path)}, eval_size=1)
+    with pytest.raises(ValueError, match=rf"prefs\.jsonl, {message}"):
+        spec.load("train")

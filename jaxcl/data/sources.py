@@ -351,11 +351,17 @@ def normalize(record: Any, kind: str, fm: FieldMap, where: str) -> dict[str, Any
         )
         return {"prompt": prompt, "response": response}
     if kind == "preference":
-        return {
+        row = {
             "prompt": _prompt(record, fm, where),
             "chosen": _string(record, fm, "chosen", where),
             "rejected": _string(record, fm, "rejected", where),
         }
+        if row["chosen"].strip() == row["rejected"].strip():
+            raise ValueError(
+                f"{where}: chosen and rejected are identical ({row['chosen'].strip()[:60]!r}); "
+                "a preference pair needs two different responses"
+            )
+        return row
     raise ValueError(f"unknown example kind {kind!r}; valid kinds: text, instruction, preference")
 
 
