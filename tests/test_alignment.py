@@ -191,3 +191,26 @@ def test_dpo_learns_each_shift_and_a_retention_term_reduces_forgetting(tmp_path)
     # term. Stated margin: the retention term must at least halve the drop.
     assert drop_dpo > 1.0
     assert drop_kl < 0.5 * drop_dpo, (drop_dpo, drop_kl)
+
+
+def _first_losses(tmp_path, name, reference, steps=3):
+    raw = _align_recipe(
+        tmp_path / name, [{"name": "dpo", "beta": 0.1}], steps=steps, reference=reference
+    )
+    raw["log_every"], raw["probes"] = 1, False
+    from jaxcl.train.runner import run_recipe
+
+    results = run_recipe(validate(raw), Console(file=io.StringIO()))
+    return [e["loss"] for e in results["stages"][0]["losses"]], results
+
+
+def test_precomputed_and_checkpoint_references_through_the_trainer(tmp_path):
+    live, first = _first_losses(tmp_path, "live", None)
+    cached, _ = _first_losses(tmp_path, "cached", {"logps": "precomputed"})
+    # The reference is the stage's start either way: same losses, starting at log 2.
+    assert live[0] == pytest.approx(np.log(2.0), abs=1e-6)
+    np.testing.assert_allclose(cached, live, rtol=1e-5)
+    # A named earlier checkpoint as the reference: policy and reference differ from step one.
+    ckpt = first["stages"][0]["checkpoint"]
+    other, _ = _first_losses(tmp_path, "ckpt", {"source": "checkpoint", "checkpoint": ckpt})
+    assert abs(other[0] - np.log(2.0)) > 1e-3

@@ -71,7 +71,7 @@ def uninterrupted(tmp_path_factory):
     return out, _finish(out)[1]
 
 
-def _kill_when(out, predicate, timeout=300):
+def _kill_when(out, predicate, timeout=300, poll=0.05):
     proc = subprocess.Popen(_cli(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
@@ -79,7 +79,7 @@ def _kill_when(out, predicate, timeout=300):
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
             return
-        time.sleep(0.05)
+        time.sleep(poll)
     proc.kill()
     pytest.fail("the run ended before the kill point")
 
@@ -96,6 +96,22 @@ def test_sigkill_mid_stage_then_resume_is_bit_identical(tmp_path, uninterrupted)
     assert _digests(results) == _digests(expected)
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(steps) == len([x for s in expected["stages"] for x in s["losses"]])
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_save_then_resume_is_bit_identical(tmp_path, uninterrupted):
+    _, expected = uninterrupted
+    out = tmp_path / "run"
+    cit = out / "checkpoints" / "cit"
+
+    def saving() -> bool:  # Orbax writes into a temporary folder, renamed when complete
+        return cit.exists() and any(".orbax-checkpoint-tmp" in p.name for p in cit.iterdir())
+
+    _kill_when(out, saving, poll=0.002)
+    assert saving()  # the killed save left its half-written folder behind
+    stdout, results = _finish(out)
+    assert "resuming from" in stdout
+    assert _digests(results) == _digests(expected)
 
 
 @pytest.mark.slow
