@@ -14,6 +14,7 @@ EXAMPLES = {
     "run": """examples:
   jaxcl run recipes/quickstart.yaml
   jaxcl run recipes/quickstart.yaml out_dir=/tmp/qs stages.1.steps_per_task=40
+  jaxcl run recipes/quickstart.yaml --dry-run model.preset=llama-3-8b
   jaxcl run recipes/quickstart.yaml 'stages.0.methods=[{name: l2_anchor, lam: 1.0}]'
   # two processes (on a pod or cluster, JAXCL_DISTRIBUTED=auto detects them instead):
   jaxcl run RECIPE --coordinator host0:8476 --num-processes 2 --process-id 0""",
@@ -40,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a recipe", epilog=EXAMPLES["run"], formatter_class=fmt)
     run.add_argument("recipe", help="path to a recipe YAML file")
     run.add_argument("overrides", nargs="*", help="key.path=value overrides of recipe fields")
+    run.add_argument(
+        "--dry-run", action="store_true", help="print the plan (steps, memory per device) and stop"
+    )
     run.add_argument("--coordinator", help="multi-process: the coordinator's host:port")
     run.add_argument("--num-processes", type=int, help="multi-process: how many processes")
     run.add_argument("--process-id", type=int, help="multi-process: this process's index")
@@ -95,6 +99,11 @@ def _run(args: argparse.Namespace) -> int:
     from jaxcl.train.runner import run_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)  # bad recipes fail before any device work
+    if args.dry_run:
+        from jaxcl.plan import format_plan, plan
+
+        print(format_plan(plan(recipe)))
+        return 0
     parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     run_recipe(recipe, overwrite=args.overwrite)
     if parallel.is_primary():
@@ -164,7 +173,13 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "run":  # overrides may come after options: run R --dry-run a.b=1
+        args.overrides += [x for x in extra if "=" in x and not x.startswith("-")]
+        extra = [x for x in extra if x not in args.overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from jaxcl.recipe import RecipeError
     from jaxcl.train.runner import RunDirError, TrainingDiverged
 

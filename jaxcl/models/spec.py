@@ -51,6 +51,23 @@ class ModelSpec(Strict):
         """What the model is, for logs: the source if given, else the preset."""
         return self.source or self.preset
 
+    def build_abstract(self) -> tuple[nnx.GraphDef, dict, dict]:
+        """``(graphdef, params as jax.ShapeDtypeStruct, logical axis names)``: shapes only, no
+        memory or weights touched (for ``--dry-run`` planning of any size)."""
+        from jaxcl.parallel import param_logical_names
+
+        overrides: dict[str, Any] = {"scan_layers": self.scan_layers, "remat": self.remat}
+        overrides.update({k: v for k in ("dtype", "param_dtype") if (v := getattr(self, k))})
+        if self.source is not None:
+            from jaxcl.models.pretrained import from_pretrained
+
+            model = from_pretrained(self.source, abstract=True, **overrides)
+        else:
+            cfg = preset(self.preset).replace(**overrides)
+            model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+        graphdef, state = nnx.split(model, nnx.Param)
+        return graphdef, nnx.to_pure_dict(state), param_logical_names(model)
+
     def build(self, seed: int) -> tuple[nnx.GraphDef, dict, dict, Any]:
         """``(graphdef, params, logical axis names, tokenizer)``; params a pure dict."""
         from jaxcl.parallel import param_logical_names

@@ -1,0 +1,92 @@
+"""``jaxcl run RECIPE --dry-run``: the plan of a run, without training or allocating it.
+
+Shapes come from ``jax.eval_shape`` (a Llama-3-8B plan costs no memory); per-device bytes are
+each array's shard size under the recipe's mesh and logical-axis rules.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxcl import parallel
+from jaxcl.methods import state_shardings
+from jaxcl.objectives.spec import stage_objective
+from jaxcl.recipe import Recipe
+from jaxcl.train.optim import build_chain
+
+
+def per_device_bytes(tree: Any, shardings: Any) -> int:
+    """The largest per-device footprint of ``tree`` under ``shardings`` (bytes)."""
+
+    def shard_bytes(leaf, sharding) -> int:
+        shape = sharding.shard_shape(leaf.shape) if hasattr(sharding, "shard_shape") else leaf.shape
+        return math.prod(shape) * np.dtype(leaf.dtype).itemsize
+
+    leaves = jax.tree.leaves(tree)
+    return sum(shard_bytes(x, s) for x, s in zip(leaves, jax.tree.leaves(shardings)))
+
+
+def plan(recipe: Recipe) -> dict[str, Any]:
+    """Stages, steps, tokens, mesh, and parameter / optimizer + CL state / frozen-tree memory per
+    device for every stage."""
+    mesh = parallel.make_mesh(recipe.mesh.model_dump())
+    rules = [tuple(r) for r in recipe.rules] if recipe.rules else parallel.DEFAULT_RULES
+    _, params, names = recipe.model.build_abstract()
+    shardings = parallel.tree_shardings(names, params, mesh, rules)
+    param_bytes = per_device_bytes(params, shardings)
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    stages = []
+    for stage in recipe.stages:
+        total = stage.steps_per_task * len(stage.tasks)
+        tx, _ = build_chain(
+            recipe.stage_optimizer(stage), total, stage.methods, stage.steps_per_task
+        )
+        opt = jax.eval_shape(tx.init, params)
+        opt_sh = state_shardings(tx, params, shardings, parallel.replicated(mesh))
+        objective = stage_objective(stage, None)
+        frozen = len(set(objective.frozen) | set(objective.precompute))
+        stages.append(
+            {
+                "name": stage.name,
+                "kind": stage.kind,
+                "tasks": [t.name for t in stage.tasks],
+                "methods": [m.name for m in stage.methods],
+                "objective": list(objective.terms),
+                "steps": total,
+                "tokens": total * stage.batch_size * stage.seq_len,
+                "params_bytes_per_device": param_bytes,
+                "opt_state_bytes_per_device": per_device_bytes(opt, opt_sh),
+                "frozen_bytes_per_device": frozen * param_bytes,
+            }
+        )
+    return {
+        "recipe": recipe.name,
+        "model": recipe.model.name,
+        "parameters": n_params,
+        "mesh": dict(mesh.shape),
+        "devices": mesh.size,
+        "stages": stages,
+    }
+
+
+def format_plan(p: dict[str, Any]) -> str:
+    gib = lambda b: f"{b / 2**30:.3f}"  # noqa: E731
+    lines = [
+        f"{p['recipe']}: {p['model']} ({p['parameters']:,} parameters) on mesh {p['mesh']}",
+        "",
+        "| stage | kind | tasks | methods | objective | steps | tokens | params GiB/dev "
+        "| opt+CL state GiB/dev | frozen GiB/dev |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in p["stages"]:
+        lines.append(
+            f"| {s['name']} | {s['kind']} | {', '.join(s['tasks'])} | "
+            f"{', '.join(s['methods']) or '-'} | {' + '.join(s['objective'])} | {s['steps']} | "
+            f"{s['tokens']:,} | {gib(s['params_bytes_per_device'])} | "
+            f"{gib(s['opt_state_bytes_per_device'])} | {gib(s['frozen_bytes_per_device'])} |"
+        )
+    return "\n".join(lines)
