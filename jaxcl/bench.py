@@ -23,7 +23,7 @@ import pydantic
 from flax import nnx
 from pydantic import TypeAdapter
 
-from jaxcl.models.config import ModelConfig, preset
+from jaxcl.models.config import ModelConfig, preset, to_hf_config
 from jaxcl.models.llama import Decoder
 from jaxcl.objectives.bound import lm_objective
 from jaxcl.recipe import OptimizerSpec
@@ -149,20 +149,8 @@ def time_torch(
 
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
-    hf_config = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        head_dim=cfg.resolved_head_dim,
-        rms_norm_eps=cfg.rms_norm_eps,
-        rope_theta=cfg.rope_theta,
-        tie_word_embeddings=cfg.tie_embeddings,
-        max_position_embeddings=cfg.max_position_embeddings,
-    )
-    model = transformers.LlamaForCausalLM(hf_config).train()
+    hf_config = to_hf_config(cfg)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     tokens = torch.from_numpy(batch["tokens"]).long()
     inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()

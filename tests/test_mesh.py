@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from jaxcl.parallel import DEFAULT_RULES, logical_to_spec, resolve_mesh_shape
+from tests.test_resume import MICRO
 
 ROOT = Path(__file__).parent.parent
 
@@ -30,25 +31,6 @@ runner.run_stage = spy
 results = runner.run_recipe(recipe)
 print("SHARDING" + json.dumps(seen))
 """
-
-MICRO = [
-    "model.preset=test-micro",
-    "stages.0.steps_per_task=4",
-    "stages.1.steps_per_task=4",
-    "stages.2.steps_per_task=3",
-    "stages.0.batch_size=8",
-    "stages.1.batch_size=8",
-    "stages.2.batch_size=8",
-    "stages.0.eval_batch_size=16",
-    "stages.1.eval_batch_size=16",
-    "stages.2.eval_batch_size=16",
-    "stages.0.methods.0.fisher_batches=2",
-] + [
-    f"stages.{s}.tasks.{t}.data.{field}={value}"
-    for s, n in [(0, 2), (1, 3), (2, 1)]
-    for t in range(n)
-    for field, value in [("train_size", 64), ("eval_size", 16)]
-]
 
 
 def _run(tmp_path, devices, mesh):
