@@ -1,10 +1,13 @@
-"""``report.md`` from a run's ``results.json``: per-stage R matrices and CL metrics."""
+"""``report.md`` from a run's ``results.json``: per-stage R matrices and CL metrics, cross-stage
+probes, and PNG plots (an R-matrix heat map per stage, the loss curves)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 def _fmt(value: float | None, metric: str) -> str:
@@ -59,6 +62,57 @@ def probes_markdown(probes: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot_r_matrix(stage: dict[str, Any], path: Path) -> Path:
+    """Heat map of ``[baseline; R]`` with the values written in the cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [stage["baseline"], *stage["R"]]
+    labels = ["baseline", *stage["tasks"][: len(stage["R"])]]
+    values = np.asarray(rows, dtype=float)
+    shown = np.log10(values) if stage["metric"] == "perplexity" else values
+    cmap = "viridis_r" if stage["metric"] == "perplexity" else "viridis"
+    fig, ax = plt.subplots(figsize=(1.4 + 1.1 * len(stage["tasks"]), 1.0 + 0.55 * len(rows)))
+    ax.imshow(shown, cmap=cmap, aspect="auto")
+    ax.set_xticks(range(len(stage["tasks"])), stage["tasks"], rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), [f"after {x}" if i else x for i, x in enumerate(labels)])
+    for (i, j), v in np.ndenumerate(values):
+        ax.text(j, i, _fmt(float(v), stage["metric"]), ha="center", va="center", color="w")
+    ax.set_title(
+        f"{stage['name']}: {stage['metric']}" + (" (log color)" if cmap.endswith("_r") else "")
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_losses(results: dict[str, Any], path: Path) -> Path:
+    """Training loss against the step, one panel per stage, task boundaries marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = results["stages"]
+    fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        for task in stage["tasks"]:
+            points = [(e["step"], e["loss"]) for e in stage["losses"] if e["task"] == task]
+            if points:
+                ax.plot(*zip(*points), marker=".", label=task)
+        ax.set_title(stage["name"])
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write ``RUN_DIR/report.md`` from ``RUN_DIR/results.json``; returns its path."""
     run_dir = Path(run_dir)
@@ -72,7 +126,15 @@ def write_report(run_dir: str | Path) -> Path:
         f"Recipe sha256 `{results['recipe_sha256']}`, {results['seconds']} s in all.",
         "",
     ]
-    parts += [stage_markdown(stage) for stage in results["stages"]]
+    for stage in results["stages"]:
+        image = plot_r_matrix(stage, run_dir / f"r_{stage['name']}.png")
+        parts += [stage_markdown(stage), f"![R matrix of {stage['name']}]({image.name})", ""]
+    parts += [
+        "## Loss",
+        "",
+        f"![loss curves]({plot_losses(results, run_dir / 'losses.png').name})",
+        "",
+    ]
     if results.get("probes"):
         parts.append(probes_markdown(results["probes"]))
     out = run_dir / "report.md"

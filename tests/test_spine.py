@@ -69,7 +69,9 @@ def test_run_folder_holds_results_checkpoints_and_manifest(quickstart):
         assert cur["parent"] == prev["path"]  # lineage chains tasks and stages
         assert cur["recipe_sha256"] == results["recipe_sha256"]
     assert checkpoint.read_manifest(Path(manifest[-1]["path"]))["stage"] == "align"
-    assert (out / "report.md").exists()
+    report = (out / "report.md").read_text()
+    for image in [f"r_{s['name']}.png" for s in results["stages"]] + ["losses.png"]:
+        assert (out / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image in report
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(logged) > 10 and all(e["tokens_per_s"] > 0 and "grad_norm" in e for e in logged)
     assert "stage cit" in stdout and "bwt" in stdout
