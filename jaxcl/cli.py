@@ -19,6 +19,9 @@ EXAMPLES = {
   # two processes (on a pod or cluster, JAXCL_DISTRIBUTED=auto detects them instead):
   jaxcl run RECIPE --coordinator host0:8476 --num-processes 2 --process-id 0""",
     "methods": "example:\n  jaxcl methods",
+    "eval": """example:
+  jaxcl eval runs/quickstart/checkpoints/cit/240 recipes/quickstart.yaml
+  jaxcl eval runs/quickstart/checkpoints/cit/240 recipes/quickstart.yaml --json scores.json""",
     "report": "example:\n  jaxcl report runs/quickstart",
     "convert": """examples:
   jaxcl convert /path/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/smollm2-hf
@@ -53,6 +56,17 @@ def _parser() -> argparse.ArgumentParser:
         help="start afresh, replacing the run in out_dir (by default a run of the same recipe "
         "resumes from its latest checkpoint, and another recipe's run is refused)",
     )
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="score a checkpoint on a recipe's tasks",
+        epilog=EXAMPLES["eval"],
+        formatter_class=fmt,
+    )
+    evaluate.add_argument("checkpoint", help="a step folder: OUT/checkpoints/<stage>/<step>")
+    evaluate.add_argument("recipe", help="the recipe whose tasks (and model) to use")
+    evaluate.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    evaluate.add_argument("--json", help="also write the scores to this JSON file")
 
     sub.add_parser(
         "methods", help="list the method catalog", epilog=EXAMPLES["methods"], formatter_class=fmt
@@ -166,6 +180,24 @@ def jax_devices() -> str:
     return f"{len(devices)} x {devices[0].device_kind}"
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+
+    from jaxcl.evaluate import evaluate, print_evaluation
+    from jaxcl.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    console = Console()
+    result = evaluate(recipe, args.checkpoint, console)
+    print_evaluation(console, result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
 def _convert(args: argparse.Namespace) -> int:
     from jaxcl.convert import convert_main
 
@@ -175,7 +207,7 @@ def _convert(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command == "run":  # overrides may come after options: run R --dry-run a.b=1
+    if args.command in ("run", "eval"):  # overrides may follow options: run R --dry-run a.b=1
         args.overrides += [x for x in extra if "=" in x and not x.startswith("-")]
         extra = [x for x in extra if x not in args.overrides]
     if extra:
@@ -189,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "report": _report,
         "bench": _bench,
         "convert": _convert,
+        "eval": _eval,
     }
     try:
         return handlers[args.command](args)

@@ -19,7 +19,7 @@ def test_methods_lists_the_catalog(capsys):
         assert name in out
 
 
-@pytest.mark.parametrize("command", ["run", "methods", "report", "bench", "convert"])
+@pytest.mark.parametrize("command", ["run", "eval", "methods", "report", "bench", "convert"])
 def test_every_subcommand_has_help_with_examples(command, capsys):
     with pytest.raises(SystemExit) as info:
         main([command, "--help"])

@@ -116,3 +116,25 @@ def test_each_stage_starts_from_the_previous_stage_checkpoint(quickstart):
             batches = eval_batches(enc, stage_spec.eval_batch_size)
             scores.append(score_task(scorer, params, batches, stage_spec.metric))
         assert scores == stage["baseline"]
+
+
+def test_eval_scores_a_checkpoint_like_the_run_did(quickstart, tmp_path):
+    from jaxcl.cli import main
+
+    out, results, _ = quickstart
+    for stage in results["stages"][:2]:
+        scores = tmp_path / f"{stage['name']}.json"
+        code = main(
+            [
+                "eval",
+                stage["checkpoint"],
+                str(ROOT / "recipes/quickstart.yaml"),
+                f"out_dir={out}",
+                "--json",
+                str(scores),
+            ]
+        )
+        assert code == 0
+        got = json.loads(scores.read_text())["stages"][stage["name"]]["scores"]
+        assert [got[t] for t in stage["tasks"]] == stage["R"][-1]
+    assert main(["eval", str(tmp_path), str(ROOT / "recipes/quickstart.yaml")]) == 2

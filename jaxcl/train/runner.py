@@ -241,6 +241,18 @@ def _print_probes(console: Console, probes: dict[str, Any]) -> None:
     )
 
 
+def make_context(recipe: Recipe, console: Console) -> tuple[RunContext, Any]:
+    """The mesh, the model as a pure function and its initial parameters, placed by the rules."""
+    mesh = parallel.make_mesh(recipe.mesh.model_dump())
+    rules = [tuple(r) for r in recipe.rules] if recipe.rules else parallel.DEFAULT_RULES
+    graphdef, params, names, tokenizer = build_model(recipe)
+    param_shardings = parallel.tree_shardings(names, params, mesh, rules)
+    params = jax.device_put(params, param_shardings)
+    out = Path(recipe.out_dir)
+    ctx = RunContext(recipe, out, mesh, rules, graphdef, param_shardings, tokenizer, console)
+    return ctx, params
+
+
 def run_recipe(
     recipe: Recipe, console: Console | None = None, *, overwrite: bool = False
 ) -> dict[str, Any]:
@@ -251,12 +263,8 @@ def run_recipe(
     resumable = _prepare_out_dir(out, recipe, overwrite, console)
     parallel.barrier("jaxcl: run folder ready")
     started = time.perf_counter()
-    mesh = parallel.make_mesh(recipe.mesh.model_dump())
-    rules = [tuple(r) for r in recipe.rules] if recipe.rules else parallel.DEFAULT_RULES
-    graphdef, params, names, tokenizer = build_model(recipe)
-    param_shardings = parallel.tree_shardings(names, params, mesh, rules)
-    params = jax.device_put(params, param_shardings)
-    ctx = RunContext(recipe, out, mesh, rules, graphdef, param_shardings, tokenizer, console)
+    ctx, params = make_context(recipe, console)
+    mesh = ctx.mesh
     console.print(
         f"[bold]{recipe.name}[/]: {recipe.model.name} model, "
         f"{sum(x.size for x in jax.tree.leaves(params)):,} parameters, mesh {dict(mesh.shape)}"

@@ -1,0 +1,52 @@
+"""``jaxcl eval CHECKPOINT RECIPE``: score any checkpoint on every task of a recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from jaxcl import checkpoint
+from jaxcl.data import eval_batches
+from jaxcl.eval import score_task
+from jaxcl.recipe import Recipe
+from jaxcl.train.runner import make_context
+from jaxcl.train.stage import task_data
+
+
+def evaluate(recipe: Recipe, checkpoint_dir: str | Path, console: Console | None = None) -> dict:
+    """``{"checkpoint", "stages": {stage: {"metric", "scores": {task: score}}}, "probes"}`` for
+    the parameters of ``checkpoint_dir`` (a step folder ``OUT/checkpoints/<stage>/<step>``)."""
+    console = console or Console()
+    path = Path(checkpoint_dir)
+    if not (path / "params").exists() or not path.name.isdigit():
+        raise FileNotFoundError(
+            f"{path} is not a jaxcl checkpoint (expected OUT/checkpoints/<stage>/<step> "
+            "holding params/)"
+        )
+    ctx, like = make_context(recipe, console)
+    params = checkpoint.restore_params(path.parent, like, int(path.name))
+    out: dict[str, Any] = {"checkpoint": str(path), "stages": {}}
+    for stage in recipe.stages:
+        scores = {}
+        for task in task_data(ctx, stage):
+            batches = [ctx.put_batch(b) for b in eval_batches(task.eval, stage.eval_batch_size)]
+            scores[task.name] = score_task(ctx.scorer, params, batches, stage.metric)
+        out["stages"][stage.name] = {"metric": stage.metric, "scores": scores}
+    out["probes"] = ctx.probe(params)
+    return out
+
+
+def print_evaluation(console: Console, result: dict[str, Any]) -> None:
+    table = Table(title=f"scores of {result['checkpoint']}")
+    for column in ("stage", "metric", "task", "score"):
+        table.add_column(column)
+    for stage, entry in result["stages"].items():
+        for task, score in entry["scores"].items():
+            table.add_row(stage, entry["metric"], task, f"{score:.4f}")
+    console.print(table)
+    if result.get("probes"):
+        suites = ("general", "instruction", "safety")
+        console.print("probes: " + "  ".join(f"{k}={result['probes'][k]:.3f}" for k in suites))
