@@ -238,8 +238,12 @@ def _describe(error: dict[str, Any]) -> tuple[tuple[Any, ...], str]:
         )
     if kind == "union_tag_not_found":
         return loc, "a method needs a 'name'"
+    # Discriminated unions add their tag to the location (methods[0].ewc.lam,
+    # data.source.jsonl.train): drop it, so the path reads like the YAML.
     tags = set(method_names()) | set(term_names())
-    loc = tuple(k for k in loc if k not in tags)
+    loc = tuple(
+        k for i, k in enumerate(loc) if k not in tags and not (i and loc[i - 1] == "source")
+    )
     message = error["msg"].removeprefix("Value error, ")
     return loc, message
 

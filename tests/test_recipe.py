@@ -105,3 +105,13 @@ def test_unreadable_and_non_mapping_recipes(tmp_path):
     ugly.write_text("name: [unclosed\n")
     with pytest.raises(RecipeError, match="not valid YAML"):
         load_recipe(ugly)
+
+
+def test_missing_data_path_fails_at_validation_naming_the_field(tmp_path):
+    source = {"type": "jsonl", "kind": "instruction", "train": str(tmp_path / "nope.jsonl")}
+    path = _write(tmp_path, lambda r: r["stages"][1]["tasks"][0].update(data={"source": source}))
+    with pytest.raises(
+        RecipeError,
+        match=r"stages\[1\]\.tasks\[0\]\.data\.source\.train: path .*nope\.jsonl' does not exist",
+    ):
+        load_recipe(path)

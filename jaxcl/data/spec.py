@@ -22,6 +22,7 @@ draw). ``train_size`` / ``eval_size`` cap a source's splits only when given.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import grain
@@ -83,9 +84,19 @@ class _Mapped(Strict):
         return self.source(split).all()
 
 
+def _must_exist(path: str | None) -> str | None:
+    if path is not None and not Path(path).expanduser().exists():
+        raise ValueError(f"path {path!r} does not exist")
+    return path
+
+
+#: a file or folder that must exist when the recipe is validated (so a typo fails before training)
+ExistingPath = Annotated[str, pydantic.AfterValidator(_must_exist)]
+
+
 class _Files(_Mapped):
-    train: str
-    eval: str | None = None
+    train: ExistingPath
+    eval: ExistingPath | None = None
 
     def _path(self, split: str) -> str:
         return self.train if split == "train" else self.eval  # type: ignore[return-value]
@@ -124,7 +135,7 @@ class TfdsSourceSpec(_Mapped):
     type: Literal["tfds"]
     name: str | None = None
     data_dir: str | None = None
-    builder_dir: str | None = None
+    builder_dir: ExistingPath | None = None
     train_split: str = "train"
     eval_split: str | None = None
 
@@ -162,7 +173,7 @@ class TraceSourceSpec(Strict):
     """One task of the TRACE benchmark layout (``ROOT/<Task>/{train,eval,test}.json``)."""
 
     type: Literal["trace"]
-    root: str
+    root: ExistingPath
     task: str
     eval_split: Literal["eval", "test"] = "eval"
     kind: Literal["instruction"] = "instruction"
@@ -181,7 +192,7 @@ class OLoraSourceSpec(Strict):
     """One task of the standard CL benchmark in O-LoRA's ``CL_Benchmark`` layout."""
 
     type: Literal["olora"]
-    root: str
+    root: ExistingPath
     task: str
     eval_split: Literal["dev", "test"] = "test"
     instruction: str | None = None
