@@ -108,9 +108,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     from jaxcl import parallel
+    from jaxcl.compare import run_with_variants
     from jaxcl.recipe import load_recipe
     from jaxcl.report import write_report
-    from jaxcl.train.runner import run_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)  # bad recipes fail before any device work
     if args.dry_run:
@@ -119,7 +119,7 @@ def _run(args: argparse.Namespace) -> int:
         print(format_plan(plan(recipe)))
         return 0
     parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    run_recipe(recipe, overwrite=args.overwrite)
+    run_with_variants(recipe, overwrite=args.overwrite)
     if parallel.is_primary():
         print(f"report: {write_report(recipe.out_dir)}")
     return 0

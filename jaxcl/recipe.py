@@ -145,6 +145,27 @@ class Recipe(Strict):
         None, ge=1, description="also checkpoint every N steps inside tasks (for resumption)"
     )
     stages: list[StageSpec] = Field(min_length=1)
+    compare: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="variants run after this recipe: name -> {key.path: value} overrides",
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _variants_validate(self) -> Recipe:
+        for name in self.compare:
+            try:
+                self.variant(name)
+            except RecipeError as err:
+                raise ValueError(str(err).replace("invalid recipe\n  ", "")) from None
+        return self
+
+    def variant(self, name: str) -> Recipe:
+        """The recipe with variant ``name``'s overrides applied, run into ``OUT/compare/NAME``."""
+        raw = self.model_dump(mode="json", exclude={"compare"})
+        raw["out_dir"] = str(Path(self.out_dir) / "compare" / name)
+        for path, value in self.compare[name].items():
+            set_path(raw, path, value, f"compare.{name}.{path}")
+        return validate(raw, source=f"compare.{name}")
 
     @pydantic.model_validator(mode="after")
     def _unique_stages(self) -> Recipe:
@@ -162,12 +183,35 @@ class Recipe(Strict):
         """sha256 of what determines the run's results: the validated recipe (overrides applied)
         without where it is stored and how it is laid out on devices (``out_dir``, ``mesh``,
         ``rules``, ``checkpoint_every``), so a run can resume on another mesh or folder."""
-        placement = {"out_dir", "mesh", "rules", "checkpoint_every"}
+        placement = {"out_dir", "mesh", "rules", "checkpoint_every", "compare"}
         canonical = json.dumps(self.model_dump(mode="json", exclude=placement), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 # ----------------------------------------------------------------------------- loading
+
+
+def set_path(raw: dict[str, Any], path: str, value: Any, label: str) -> None:
+    """Set ``raw[a][b][0]...`` for ``path = "a.b.0..."`` (list entries by index; missing mapping
+    keys are created, so a misspelt field reaches the schema and is refused there)."""
+    keys = path.split(".")
+    node: Any = raw
+    for depth, key in enumerate(keys):
+        where = ".".join(keys[:depth]) or "recipe"
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise RecipeError(
+                    f"{label}: {where} is a list of {len(node)}; {key!r} is not an index of it"
+                )
+            key = int(key)
+        elif not isinstance(node, dict):
+            raise RecipeError(f"{label}: {where} is not a mapping or list")
+        if depth == len(keys) - 1:
+            node[key] = value
+        else:
+            if isinstance(node, dict) and key not in node:
+                node[key] = {}
+            node = node[key]
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -176,31 +220,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if "=" not in item:
             raise RecipeError(f"override {item!r}: expected key.path=value")
         path, text = item.split("=", 1)
-        keys = path.split(".")
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError as err:
             raise RecipeError(f"override {item!r}: value is not valid YAML ({err})") from None
-        node: Any = raw
-        for depth, key in enumerate(keys):
-            last = depth == len(keys) - 1
-            if isinstance(node, list):
-                if not key.isdigit() or int(key) >= len(node):
-                    raise RecipeError(
-                        f"override {item!r}: {'.'.join(keys[:depth]) or 'recipe'} is a list of "
-                        f"{len(node)}; {key!r} is not an index of it"
-                    )
-                key = int(key)
-            elif not isinstance(node, dict):
-                raise RecipeError(
-                    f"override {item!r}: {'.'.join(keys[:depth])} is not a mapping or list"
-                )
-            if last:
-                node[key] = value
-            else:
-                if isinstance(node, dict) and key not in node:
-                    node[key] = {}
-                node = node[key]
+        set_path(raw, path, value, f"override {item!r}")
     return raw
 
 

@@ -113,6 +113,42 @@ def plot_losses(results: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def comparison_markdown(rows: list[dict[str, Any]]) -> str:
+    """The ``compare:`` variants side by side: OP, BWT, FWT, forgetting per stage."""
+    stages = list(rows[0]["stages"])
+    metrics = ("op", "bwt", "fwt", "forgetting")
+    header = [f"{s} {m}" for s in stages for m in metrics]
+    lines = ["## Comparison of variants", "", "| variant | " + " | ".join(header) + " | seconds |"]
+    lines.append("|---" * (len(header) + 2) + "|")
+    for row in rows:
+        cells = [_fmt(row["stages"][s][m], "") for s in stages for m in metrics]
+        lines.append(f"| {row['variant']} | " + " | ".join(cells) + f" | {row['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_comparison(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Bars of each stage's BWT, one group per stage, one bar per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = list(rows[0]["stages"])
+    fig, ax = plt.subplots(figsize=(1.5 + 1.8 * len(stages), 3))
+    width = 0.8 / len(rows)
+    for i, row in enumerate(rows):
+        values = [row["stages"][s]["bwt"] or 0.0 for s in stages]
+        ax.bar(np.arange(len(stages)) + i * width, values, width, label=row["variant"])
+    ax.set_xticks(np.arange(len(stages)) + 0.4 - width / 2, stages)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_ylabel("BWT")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write ``RUN_DIR/report.md`` from ``RUN_DIR/results.json``; returns its path."""
     run_dir = Path(run_dir)
@@ -137,6 +173,10 @@ def write_report(run_dir: str | Path) -> Path:
     ]
     if results.get("probes"):
         parts.append(probes_markdown(results["probes"]))
+    if (run_dir / "comparison.json").exists():
+        rows = json.loads((run_dir / "comparison.json").read_text())["variants"]
+        image = plot_comparison(rows, run_dir / "comparison.png")
+        parts += [comparison_markdown(rows), f"![BWT per variant]({image.name})", ""]
     out = run_dir / "report.md"
     out.write_text("\n".join(parts))
     return out

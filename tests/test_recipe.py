@@ -115,3 +115,25 @@ def test_missing_data_path_fails_at_validation_naming_the_field(tmp_path):
         match=r"stages\[1\]\.tasks\[0\]\.data\.source\.train: path .*nope\.jsonl' does not exist",
     ):
         load_recipe(path)
+
+
+def test_compare_variants_validate_before_training(tmp_path):
+    recipe = load_recipe(
+        QUICKSTART, [f"out_dir={tmp_path}", "compare={seqft: {stages.1.methods: []}}"]
+    )
+    variant = recipe.variant("seqft")
+    assert variant.stages[1].methods == [] and variant.stages[0].methods == recipe.stages[0].methods
+    assert variant.out_dir == str(tmp_path / "compare" / "seqft")
+    for bad, message in [
+        ("compare={x: {stages.0.epochs: 3}}", r"compare\.x: stages\[0\]\.epochs: Extra inputs"),
+        (
+            "compare={x: {stages.7.methods: []}}",
+            r"compare\.x\.stages\.7\.methods: stages is a list of 3",
+        ),
+        (
+            "compare={x: {optimizer.lr: fast}}",
+            r"compare\.x: optimizer\.lr: Input should be a valid number",
+        ),
+    ]:
+        with pytest.raises(RecipeError, match=message):
+            load_recipe(QUICKSTART, [bad])
