@@ -75,7 +75,8 @@ for label, mesh in [("data8", parallel.make_mesh({"data": 8})),
     back = checkpoint.restore_params(folder, like, 2)
     same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(jax.device_get(back)),
                                                     jax.tree.leaves(jax.device_get(multi.params))))
-    restored[label] = [same, len(back["embed"].sharding.device_set)]
+    same_digest = checkpoint.params_digest(back) == checkpoint.params_digest(multi.params)
+    restored[label] = [same and same_digest, len(back["embed"].sharding.device_set)]
 print("RESULT" + json.dumps({"max_rel_error": max(errors), "cl_state_follows": follow,
                               "gate_spec": str(gate.sharding.spec), "restored": restored}))
 """
