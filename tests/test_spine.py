@@ -14,7 +14,6 @@ from jaxcl.data.benchmarks import generate, kind_of
 from jaxcl.eval import make_batch_scorer, score_task
 from jaxcl.models.tokenizer import ByteTokenizer
 from jaxcl.recipe import load_recipe
-from jaxcl.train.runner import build_model
 from jaxcl.train.step import make_apply
 
 ROOT = Path(__file__).parent.parent
@@ -100,7 +99,7 @@ def test_each_stage_starts_from_the_previous_stage_checkpoint(quickstart):
     """Stage k's baseline row is recomputed from stage k-1's final checkpoint, bit for bit."""
     out, results, _ = quickstart
     recipe = load_recipe(ROOT / "recipes/quickstart.yaml", [f"out_dir={out}"])
-    graphdef, init_params, _, _ = build_model(recipe)
+    graphdef, init_params, _, _ = recipe.model.build(recipe.seed)
     scorer = make_batch_scorer(make_apply(graphdef))
     for prev, stage_spec, stage in zip(results["stages"], recipe.stages[1:], results["stages"][1:]):
         ckpt = Path(prev["checkpoint"])

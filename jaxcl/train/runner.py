@@ -35,7 +35,7 @@ from jaxcl.train.stage import (
 )
 from jaxcl.train.step import TrainState, make_apply
 
-__all__ = ["RunDirError", "TrainingDiverged", "build_model", "run_recipe"]
+__all__ = ["RunDirError", "TrainingDiverged", "run_recipe"]
 
 
 @dataclass
@@ -50,14 +50,16 @@ class RunContext:
     console: Console
     apply: Any = None
     scorer: Any = None
+    batch_sharding: Any = None
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.apply = make_apply(self.graphdef)
         self.scorer = make_batch_scorer(self.apply)
+        self.batch_sharding = parallel.batch_sharding(self.mesh, self.rules)
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return parallel.put_global(batch, parallel.batch_sharding(self.mesh, self.rules))
+        return parallel.put_global(batch, self.batch_sharding)
 
     def probe(self, params) -> dict[str, Any] | None:
         """General, instruction-following and safety probe scores (``recipe.probes``)."""
@@ -77,11 +79,6 @@ def _write_json(path: Path, payload: Any) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=2))
     tmp.replace(path)
-
-
-def build_model(recipe: Recipe):
-    """The model's graph, its parameters (pure dict), their logical axis names, the tokenizer."""
-    return recipe.model.build(recipe.seed)
 
 
 class RunDirError(RuntimeError):
@@ -245,7 +242,7 @@ def make_context(recipe: Recipe, console: Console) -> tuple[RunContext, Any]:
     """The mesh, the model as a pure function and its initial parameters, placed by the rules."""
     mesh = parallel.make_mesh(recipe.mesh.model_dump())
     rules = [tuple(r) for r in recipe.rules] if recipe.rules else parallel.DEFAULT_RULES
-    graphdef, params, names, tokenizer = build_model(recipe)
+    graphdef, params, names, tokenizer = recipe.model.build(recipe.seed)
     param_shardings = parallel.tree_shardings(names, params, mesh, rules)
     params = jax.device_put(params, param_shardings)
     out = Path(recipe.out_dir)

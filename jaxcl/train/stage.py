@@ -84,7 +84,7 @@ def compile_stage(ctx, stage: StageSpec, params, total_steps: int) -> StageProgr
         objective.loss_fn,
         tx,
         state_shardings=shardings,
-        batch_sharding=parallel.batch_sharding(ctx.mesh, ctx.rules),
+        batch_sharding=ctx.batch_sharding,
         frozen_shardings={name: ctx.param_shardings for name in objective.frozen},
         memory_grads=compiled.needs_memory_grads,
         accum_steps=stage.grad_accum,

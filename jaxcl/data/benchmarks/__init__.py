@@ -2,47 +2,34 @@
 
 ``GENERATORS`` is the quickstart set (unchanged names and outputs); ``BUNDLED`` is every dataset a
 recipe may name with ``bundled:``: the quickstart set, the CKL-style knowledge stream
-(``ckl/...``), the TRACE-style task sequence (``trace/...``) and, when present, the preference
-stream of :mod:`jaxcl.data.benchmarks.preferences` (a module exposing ``GENERATORS`` of the
-same shape). See docs/benchmarks.md.
+(``ckl/...``), the TRACE-style task sequence (``trace/...``) and the preference stream
+(``pref/...``). See docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
-import importlib
 import random
 from collections.abc import Callable
 
-from jaxcl.data.benchmarks import ckl, trace
-from jaxcl.data.benchmarks import quickstart as _quickstart
+from jaxcl.data.benchmarks import ckl, preferences, trace
 from jaxcl.data.benchmarks.quickstart import GENERATORS
 from jaxcl.data.benchmarks.scoring import exact_match, rouge_l
 
 Generator = tuple[str, Callable[[random.Random], dict[str, str]]]
 
 
-def _registry() -> dict[str, Generator]:
-    merged: dict[str, Generator] = {**GENERATORS, **ckl.GENERATORS, **trace.GENERATORS}
-    try:
-        extra = importlib.import_module("jaxcl.data.benchmarks.preferences")
-    except ModuleNotFoundError as e:
-        if e.name != "jaxcl.data.benchmarks.preferences":
-            raise
-        extra = None
-    for name, gen in getattr(extra, "GENERATORS", {}).items():
-        merged.setdefault(name, gen)
-    return merged
-
-
-BUNDLED: dict[str, Generator] = _registry()
+BUNDLED: dict[str, Generator] = {
+    **GENERATORS,
+    **ckl.GENERATORS,
+    **trace.GENERATORS,
+    **preferences.GENERATORS,
+}
 
 _SPLIT_SEED = {"train": 0, "eval": 1}
 
 
 def generate(name: str, split: str, size: int, seed: int = 0) -> list[dict[str, str]]:
     """``size`` examples of bundled dataset ``name`` for ``split`` (``train`` or ``eval``)."""
-    if name in GENERATORS:
-        return _quickstart.generate(name, split, size, seed=seed)
     if name not in BUNDLED:
         raise ValueError(
             f"unknown bundled dataset {name!r}; valid names: {', '.join(sorted(BUNDLED))}"

@@ -131,24 +131,3 @@ GENERATORS: dict[str, tuple[str, Callable[[random.Random], Example]]] = {
     "cit/arith": ("instruction", _arith),
     "ca/politeness": ("preference", _politeness),
 }
-
-_SPLIT_SEED = {"train": 0, "eval": 1}
-
-
-def generate(name: str, split: str, size: int, seed: int = 0) -> list[Example]:
-    """``size`` examples of bundled dataset ``name`` for ``split`` (``train`` or ``eval``)."""
-    if name not in GENERATORS:
-        raise ValueError(
-            f"unknown bundled dataset {name!r}; valid names: {', '.join(sorted(GENERATORS))}"
-        )
-    if split not in _SPLIT_SEED:
-        raise ValueError(f"unknown split {split!r}; valid splits: train, eval")
-    rng = random.Random(f"{name}/{split}/{seed + _SPLIT_SEED[split]}")
-    _, make = GENERATORS[name]
-    return [make(rng) for _ in range(size)]
-
-
-def kind_of(name: str) -> str:
-    """``text``, ``instruction`` or ``preference``."""
-    generate(name, "eval", 0)  # validates the name
-    return GENERATORS[name][0]
