@@ -66,7 +66,8 @@ def save_checkpoint(
     return stage_dir / str(step)
 
 
-def _abstract(tree: Any) -> Any:
+def abstract(tree: Any) -> Any:
+    """Shapes, dtypes and shardings of ``tree``'s arrays (restore targets)."""
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
         tree,
@@ -99,7 +100,7 @@ def restore_params(stage_dir: Path, like: Any, step: int | None = None) -> Any:
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {stage_dir}")
         restored = mgr.restore(
-            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(like)))
+            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract(like)))
         )
     return restored.params
 
@@ -111,12 +112,12 @@ def restore_checkpoint(
     trees are shaped and sharded like the parameters, replay arrays come back as numpy."""
     manifest = read_manifest(stage_dir / str(step))
     items = {
-        "params": ocp.args.StandardRestore(_abstract(params_like)),
-        "opt_state": ocp.args.StandardRestore(_abstract(opt_state_like)),
+        "params": ocp.args.StandardRestore(abstract(params_like)),
+        "opt_state": ocp.args.StandardRestore(abstract(opt_state_like)),
     }
     if manifest.get("frozen"):
         items["frozen"] = ocp.args.StandardRestore(
-            {name: _abstract(params_like) for name in manifest["frozen"]}
+            {name: abstract(params_like) for name in manifest["frozen"]}
         )
     if manifest.get("replay"):
         items["replay"] = ocp.args.StandardRestore()

@@ -8,17 +8,16 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from jaxcl import checkpoint
-from jaxcl.data import eval_batches
-from jaxcl.eval import score_task
 from jaxcl.recipe import Recipe
 from jaxcl.train.runner import make_context
 from jaxcl.train.stage import task_data
 
 
 def evaluate(recipe: Recipe, checkpoint_dir: str | Path, console: Console | None = None) -> dict:
-    """``{"checkpoint", "stages": {stage: {"metric", "scores": {task: score}}}, "probes"}`` for
-    the parameters of ``checkpoint_dir`` (a step folder ``OUT/checkpoints/<stage>/<step>``)."""
+    """``{"checkpoint", "stages": {stage: {"metric", "task_metrics", "scores"}}, "probes"}`` for
+    the parameters of ``checkpoint_dir`` (a step folder ``OUT/checkpoints/<stage>/<step>``):
+    every task scored by its own metric (``task_metrics: {task: metric}``), as in training;
+    ``metric`` is the stage-level name."""
     console = console or Console()
     path = Path(checkpoint_dir)
     if not (path / "params").exists() or not path.name.isdigit():
@@ -27,14 +26,18 @@ def evaluate(recipe: Recipe, checkpoint_dir: str | Path, console: Console | None
             "holding params/)"
         )
     ctx, like = make_context(recipe, console)
-    params = checkpoint.restore_params(path.parent, like, int(path.name))
+    del like
+    params = ctx.restore_model(path)
     out: dict[str, Any] = {"checkpoint": str(path), "stages": {}}
     for stage in recipe.stages:
         scores = {}
         for task in task_data(ctx, stage):
-            batches = [ctx.put_batch(b) for b in eval_batches(task.eval, stage.eval_batch_size)]
-            scores[task.name] = score_task(ctx.scorer, params, batches, stage.metric)
-        out["stages"][stage.name] = {"metric": stage.metric, "scores": scores}
+            scores[task.name] = task.eval.on_devices(ctx.put_batch).score(ctx, params)
+        out["stages"][stage.name] = {
+            "metric": stage.metric,
+            "task_metrics": dict(zip([t.name for t in stage.tasks], stage.task_metrics)),
+            "scores": scores,
+        }
     out["probes"] = ctx.probe(params)
     return out
 
@@ -45,7 +48,8 @@ def print_evaluation(console: Console, result: dict[str, Any]) -> None:
         table.add_column(column)
     for stage, entry in result["stages"].items():
         for task, score in entry["scores"].items():
-            table.add_row(stage, entry["metric"], task, f"{score:.4f}")
+            metric = entry.get("task_metrics", {}).get(task, entry["metric"])
+            table.add_row(stage, metric, task, f"{score:.4f}")
     console.print(table)
     if result.get("probes"):
         suites = ("general", "instruction", "safety")

@@ -90,9 +90,9 @@ def _fits(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionS
     return PartitionSpec(*fixed)
 
 
-def param_logical_names(model: nnx.Module) -> dict:
-    """Pure-dict tree of each parameter's logical axis names."""
-    state = nnx.state(model, nnx.Param)
+def param_logical_names(model: nnx.Module, kinds: Any = nnx.Param) -> dict:
+    """Pure-dict tree of each parameter's logical axis names (variables of ``kinds``)."""
+    state = nnx.state(model, kinds)
     names = jax.tree.map(
         lambda v: tuple(v.get_metadata().get("out_sharding") or (None,) * v.value.ndim),
         state,

@@ -17,8 +17,9 @@ import yaml
 from pydantic import Field
 
 from jaxcl.data.spec import DataSpec
+from jaxcl.eval.scoring import HIGHER_IS_BETTER, check_metric
 from jaxcl.methods.specs import MethodSpec, method_names, validate_methods
-from jaxcl.models.spec import ModelSpec
+from jaxcl.models.spec import LoraSpec, ModelSpec
 from jaxcl.objectives.spec import (
     DpoSpec,
     ReferenceSpec,
@@ -55,9 +56,33 @@ class OptimizerSpec(Strict):
     clip_norm: float | None = Field(1.0, gt=0)
 
 
+METRIC_HELP = (
+    "perplexity, exact_match, pref_accuracy, multiple_choice, multiple_choice_norm, rouge_l, "
+    "or a custom scorer package.module:function (docs/metrics.md)"
+)
+
+
 class TaskSpec(Strict):
     name: str
     data: DataSpec
+    metric: str | None = Field(
+        None, description=f"how the task is scored (default: the stage's metric): {METRIC_HELP}"
+    )
+
+    @pydantic.field_validator("metric")
+    @classmethod
+    def _known_metric(cls, value: Any, info: pydantic.ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        data = info.data.get("data")
+        return check_metric(value, data.kind if data is not None else None)
+
+    @pydantic.model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if self.metric is None:  # recipes without per-task metrics dump as before
+            data.pop("metric", None)
+        return data
 
 
 STAGE_DATA_KIND = {"pretrain": "text", "instruct": "instruction", "align": "preference"}
@@ -73,6 +98,19 @@ class StageSpec(Strict):
     batch_size: int = Field(ge=1)
     seq_len: int = Field(ge=8)
     eval_batch_size: int = Field(64, ge=1)
+    metric: str | None = Field(
+        None,
+        description="the metric of tasks that name none (default: perplexity, exact_match or "
+        f"pref_accuracy by kind): {METRIC_HELP}. After validation, `stage.metric` is the "
+        "stage-level name: its tasks' metrics, joined by + when they differ",
+    )
+    eval_max_new_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="tokens generated per eval prompt for rouge_l and custom scorers "
+        "(default: the task's longest reference response + 1)",
+    )
+    _given_metric: str | None = pydantic.PrivateAttr(None)
     grad_accum: int = Field(
         1, ge=1, description="micro-batches per step (batch_size must divide by it)"
     )
@@ -86,6 +124,9 @@ class StageSpec(Strict):
         "default: lm, or dpo (from `dpo`) in align stages",
     )
     reference: ReferenceSpec = ReferenceSpec()
+    lora: LoraSpec | None = Field(
+        None, description="train low-rank adapters on fixed base weights (see docs/methods.md)"
+    )
 
     @pydantic.model_validator(mode="after")
     def _objective(self) -> StageSpec:
@@ -115,12 +156,61 @@ class StageSpec(Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"task names must be unique within a stage, got {names}")
         validate_methods(self.methods)
+        o_lora = self.method("o_lora")
+        if o_lora is not None and self.lora is None:
+            raise ValueError(
+                "method o_lora needs LoRA adapters: add `lora: {rank: 8}` to the stage"
+            )
+        if o_lora is not None and o_lora.max_tasks < len(self.tasks):
+            raise ValueError(
+                f"o_lora.max_tasks ({o_lora.max_tasks}) must be at least the stage's number of "
+                f"tasks ({len(self.tasks)})"
+            )
         OptimizerSpec(**self.optimizer)  # an unknown or mistyped override fails here
         return self
 
+    @pydantic.field_validator("metric")
+    @classmethod
+    def _known_metric(cls, value: Any) -> str | None:
+        return None if value is None else check_metric(value)
+
     @property
-    def metric(self) -> str:
-        return STAGE_METRIC[self.kind]
+    def task_metrics(self) -> list[str]:
+        """Each task's metric: its own, else the stage's ``metric``, else the kind's default."""
+        default = self._given_metric or STAGE_METRIC[self.kind]
+        return [task.metric or default for task in self.tasks]
+
+    @pydantic.model_validator(mode="after")
+    def _metrics(self) -> StageSpec:
+        given = self.metric
+        if given is not None:
+            try:
+                check_metric(given, STAGE_DATA_KIND[self.kind])
+            except ValueError as err:
+                raise ValueError(f"metric: {err}") from None
+        self._given_metric = given
+        metrics = self.task_metrics
+        higher = [HIGHER_IS_BETTER[m] for m in metrics]
+        if len(set(higher)) > 1:
+            i, j = higher.index(True), higher.index(False)
+            raise ValueError(
+                f"tasks[{i}] ({self.tasks[i].name}) is scored by {metrics[i]} (higher is better) "
+                f"and tasks[{j}] ({self.tasks[j].name}) by {metrics[j]} (lower is better); the "
+                "R matrix of one stage needs one direction: put them in separate stages"
+            )
+        # The stage-level name (results, report): its tasks' metrics, + joined when they differ.
+        object.__setattr__(self, "metric", "+".join(dict.fromkeys(metrics)))
+        return self
+
+    @pydantic.model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        data.pop("metric", None)  # the stage-level name; the recipe holds what was given
+        if self._given_metric is not None:
+            data["metric"] = self._given_metric
+        if self.eval_max_new_tokens is None:
+            data.pop("eval_max_new_tokens", None)
+        return data
 
     def method(self, name: str) -> Any:
         return next((m for m in self.methods if m.name == name), None)

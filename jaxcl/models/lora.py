@@ -140,7 +140,7 @@ def add_adapter(model: nnx.Module, task: str, config: LoRAConfig, *, rngs: nnx.R
         if proj not in module.lora:
             module.lora[proj] = LoRABank()
         bank = module.lora[proj]
-        dtype = kernel[...].dtype
+        dtype = kernel.get_value().dtype  # (a ShapeDtypeStruct for an abstract model)
         a = jax.random.normal(rngs.params(), (*lead, d_in, config.rank), dtype) * d_in**-0.5
         b = jnp.zeros((*lead, config.rank, d_out), dtype)
         scale = config.alpha / config.rank

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import pydantic
 from flax import nnx
+from pydantic import Field
 
 from jaxcl.models.config import PRESETS, preset
 from jaxcl.models.llama import Decoder
@@ -51,20 +52,23 @@ class ModelSpec(Strict):
         """What the model is, for logs: the source if given, else the preset."""
         return self.source or self.preset
 
-    def build_abstract(self) -> tuple[nnx.GraphDef, dict, dict]:
-        """``(graphdef, params as jax.ShapeDtypeStruct, logical axis names)``: shapes only, no
-        memory or weights touched (for ``--dry-run`` planning of any size)."""
-        from jaxcl.parallel import param_logical_names
-
+    def abstract_model(self) -> nnx.Module:
+        """The model with shapes only (``jax.ShapeDtypeStruct`` leaves): no weights touched."""
         overrides: dict[str, Any] = {"scan_layers": self.scan_layers, "remat": self.remat}
         overrides.update({k: v for k in ("dtype", "param_dtype") if (v := getattr(self, k))})
         if self.source is not None:
             from jaxcl.models.pretrained import from_pretrained
 
-            model = from_pretrained(self.source, abstract=True, **overrides)
-        else:
-            cfg = preset(self.preset).replace(**overrides)
-            model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+            return from_pretrained(self.source, abstract=True, **overrides)
+        cfg = preset(self.preset).replace(**overrides)
+        return nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+
+    def build_abstract(self) -> tuple[nnx.GraphDef, dict, dict]:
+        """``(graphdef, params as jax.ShapeDtypeStruct, logical axis names)``: shapes only, no
+        memory or weights touched (for ``--dry-run`` planning of any size)."""
+        from jaxcl.parallel import param_logical_names
+
+        model = self.abstract_model()
         graphdef, state = nnx.split(model, nnx.Param)
         return graphdef, nnx.to_pure_dict(state), param_logical_names(model)
 
@@ -84,3 +88,39 @@ class ModelSpec(Strict):
             tokenizer = ByteTokenizer()
         graphdef, state = nnx.split(model, nnx.Param)
         return graphdef, nnx.to_pure_dict(state), param_logical_names(model), tokenizer
+
+
+class LoraSpec(Strict):
+    """A stage trained through low-rank adapters: the base weights stay fixed (no gradient is
+    formed for them), the optimizer and the methods see only the adapters."""
+
+    rank: int = Field(8, ge=1, description="adapter rank r")
+    alpha: float = Field(16.0, gt=0, description="scale numerator: the update is (alpha/r)·x·A·B")
+    targets: list[str] | str = Field(
+        default_factory=lambda: ["q", "v"],
+        description="projections (q k v o gate up down) or a regex over parameter paths",
+    )
+    per_task: bool = Field(
+        True,
+        description="a fresh adapter for every task (the finished one is merged into the base "
+        "weights, as O-LoRA); false: one adapter for the whole stage, merged at its end",
+    )
+
+    @pydantic.field_validator("targets")
+    @classmethod
+    def _projections(cls, value: list[str] | str) -> list[str] | str:
+        from jaxcl.models.llama import PROJECTIONS
+
+        if isinstance(value, list):
+            unknown = [t for t in value if t not in PROJECTIONS]
+            if unknown or not value:
+                raise ValueError(
+                    f"unknown projections {unknown}; valid choices: {', '.join(PROJECTIONS)}"
+                )
+        return value
+
+    def config(self) -> Any:
+        from jaxcl.models.lora import LoRAConfig
+
+        targets = self.targets if isinstance(self.targets, str) else tuple(self.targets)
+        return LoRAConfig(rank=self.rank, alpha=self.alpha, targets=targets)

@@ -8,9 +8,11 @@ checkpoint is skipped with a warning); ``overwrite=True`` starts afresh.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,8 @@ from jaxcl import checkpoint, parallel
 from jaxcl.data.replay import ReplayBuffer
 from jaxcl.eval import make_batch_scorer
 from jaxcl.eval.probes import probe_deltas, score_probes
-from jaxcl.recipe import Recipe
+from jaxcl.recipe import Recipe, StageSpec
+from jaxcl.train.adapters import StageModel
 from jaxcl.train.stage import (
     Cursor,
     TrainingDiverged,
@@ -52,11 +55,42 @@ class RunContext:
     scorer: Any = None
     batch_sharding: Any = None
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    model: StageModel | None = None  # what the step trains (set by make_context / for_stage)
+    plain_like: Any = None  # shapes and shardings of the plain model parameters
 
     def __post_init__(self) -> None:
         self.apply = make_apply(self.graphdef)
         self.scorer = make_batch_scorer(self.apply)
         self.batch_sharding = parallel.batch_sharding(self.mesh, self.rules)
+
+    def for_stage(self, stage: StageSpec) -> RunContext:
+        """The context a stage runs in: the plain model, or the model with LoRA adapters (its
+        graph, shardings and :class:`~jaxcl.train.adapters.StageModel`)."""
+        if stage.lora is None:
+            return self
+        return self._with_adapters(stage.lora, zlib.crc32(stage.name.encode()))
+
+    def _with_adapters(self, lora: Any, salt: int) -> RunContext:
+        model = StageModel.build(self.recipe.model, lora, seed=self.recipe.seed * 7919 + salt)
+        shardings = model.place(self.mesh, self.rules, self.plain_like)
+        return dataclasses.replace(
+            self, graphdef=model.graphdef, param_shardings=shardings, model=model
+        )
+
+    def restore_model(self, step_dir: Path) -> Any:
+        """The plain model parameters of any checkpoint (a LoRA stage's adapters folded in, as
+        its manifest's ``lora`` entry describes)."""
+        step_dir = Path(step_dir)
+        lora = checkpoint.read_manifest(step_dir).get("lora")
+        if not lora:
+            return checkpoint.restore_params(step_dir.parent, self.plain_like, int(step_dir.name))
+        from jaxcl.models.spec import LoraSpec
+
+        model = self._with_adapters(LoraSpec(**lora), 0).model
+        params = checkpoint.restore_params(
+            step_dir.parent, model.like(self.plain_like), int(step_dir.name)
+        )
+        return model.export(params)
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return parallel.put_global(batch, self.batch_sharding)
@@ -69,7 +103,8 @@ class RunContext:
 
     def add_checkpoint(self, entry: dict[str, Any]) -> None:
         """Record a checkpoint in ``manifest.json`` (rewritten atomically after each save)."""
-        self.checkpoints = [c for c in self.checkpoints if c["path"] != entry["path"]]
+        # In place: the contexts of LoRA stages share this list.
+        self.checkpoints[:] = [c for c in self.checkpoints if c["path"] != entry["path"]]
         self.checkpoints.append({k: v for k, v in entry.items() if v is not None or k == "parent"})
         if parallel.is_primary():
             _write_json(self.out / "manifest.json", {"checkpoints": self.checkpoints})
@@ -133,13 +168,13 @@ def _candidates(ctx: RunContext):
 def _find_resume_point(ctx: RunContext, params_like) -> ResumePoint | None:
     for index, stage, stage_dir, step in _candidates(ctx):
         path = stage_dir / str(step)
+        sctx = ctx.for_stage(stage)
+        like = sctx.model.like(params_like)
         try:
-            program = compile_stage(
-                ctx, stage, params_like, stage.steps_per_task * len(stage.tasks)
-            )
-            abstract = jax.eval_shape(program.tx.init, params_like)
+            program = compile_stage(sctx, stage, like, stage.steps_per_task * len(stage.tasks))
+            abstract = jax.eval_shape(program.tx.init, sctx.model.split(like)[0])
             params, opt_state, frozen, replay, manifest = checkpoint.restore_checkpoint(
-                stage_dir, step, params_like, _with_shardings(abstract, program.shardings.opt_state)
+                stage_dir, step, like, _with_shardings(abstract, program.shardings.opt_state)
             )
         except Exception as err:  # a corrupted or half-readable checkpoint: use an older one
             ctx.console.print(
@@ -151,7 +186,7 @@ def _find_resume_point(ctx: RunContext, params_like) -> ResumePoint | None:
         last_task = manifest["task_index"] == len(stage.tasks) - 1
         if manifest["task_done"] and last_task:
             finished.append(stage_result(stage, manifest["record"], str(path), params))
-            return ResumePoint(index + 1, None, params, str(path), finished)
+            return ResumePoint(index + 1, None, sctx.model.export(params), str(path), finished)
         done = manifest["task_done"]
         cursor = Cursor(
             task=manifest["task_index"] + (1 if done else 0),
@@ -163,7 +198,7 @@ def _find_resume_point(ctx: RunContext, params_like) -> ResumePoint | None:
             ),
             frozen=frozen,
             record=manifest["record"],
-            buffer=_restore_buffer(ctx, stage, program, manifest, replay),
+            buffer=_restore_buffer(sctx, stage, program, manifest, replay),
         )
         return ResumePoint(index, cursor, None, str(path), finished)
     return None
@@ -188,7 +223,8 @@ def _finished_stages(ctx: RunContext, upto: int, params_like) -> list[dict[str, 
         stage_dir = ctx.out / "checkpoints" / stage.name
         step = checkpoint.latest_step(stage_dir)
         manifest = checkpoint.read_manifest(stage_dir / str(step))
-        params = checkpoint.restore_params(stage_dir, params_like, step)
+        like = ctx.for_stage(stage).model.like(params_like)
+        params = checkpoint.restore_params(stage_dir, like, step)
         out.append(stage_result(stage, manifest["record"], str(stage_dir / str(step)), params))
     return out
 
@@ -247,6 +283,8 @@ def make_context(recipe: Recipe, console: Console) -> tuple[RunContext, Any]:
     params = jax.device_put(params, param_shardings)
     out = Path(recipe.out_dir)
     ctx = RunContext(recipe, out, mesh, rules, graphdef, param_shardings, tokenizer, console)
+    ctx.model = StageModel(graphdef, names)
+    ctx.plain_like = checkpoint.abstract(params)
     return ctx, params
 
 
@@ -288,8 +326,8 @@ def run_recipe(
         cursor = point.cursor if index == point.stage else None
         if cursor is None and parent is not None:
             # Start from the previous stage's final checkpoint, as a resumed run would.
-            params = checkpoint.restore_params(Path(parent).parent, params, int(Path(parent).name))
-        params, result = run_stage(ctx, stage, params, parent, cursor)
+            params = ctx.restore_model(Path(parent))
+        params, result = run_stage(ctx.for_stage(stage), stage, params, parent, cursor)
         parent = result["checkpoint"]
         stages.append(result)
         _print_stage(console, result)

@@ -21,15 +21,16 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from jaxcl import checkpoint, parallel
-from jaxcl.data import batched_stream, encode_all, eval_batches
+from jaxcl.data import batched_stream, encode_all
 from jaxcl.data.replay import ReplayBuffer
-from jaxcl.eval import HIGHER_IS_BETTER, cl_metrics, score_task
+from jaxcl.eval import HIGHER_IS_BETTER, cl_metrics
+from jaxcl.eval.tasks import task_eval
 from jaxcl.methods import consolidate
 from jaxcl.methods.specs import Boundary
 from jaxcl.objectives.reference import (
     annotate_reference_logps,
-    load_reference,
     make_pair_logps_fn,
+    resolve_checkpoint,
 )
 from jaxcl.objectives.spec import stage_objective
 from jaxcl.recipe import StageSpec
@@ -72,13 +73,17 @@ class StageProgram:
     memory_grads: bool
     shardings: Any
     memory_per_task: int
+    model: Any  # jaxcl.train.adapters.StageModel: which parameters the step trains
 
 
 def compile_stage(ctx, stage: StageSpec, params, total_steps: int) -> StageProgram:
     tx, compiled = build_chain(
         ctx.recipe.stage_optimizer(stage), total_steps, stage.methods, stage.steps_per_task
     )
-    shardings = state_shardings_for(tx, params, ctx.param_shardings, parallel.replicated(ctx.mesh))
+    model = ctx.model
+    shardings = state_shardings_for(
+        tx, params, ctx.param_shardings, parallel.replicated(ctx.mesh), split=model.split
+    )
     objective = stage_objective(stage, ctx.apply)
     step_fn = make_train_step(
         objective.loss_fn,
@@ -88,15 +93,22 @@ def compile_stage(ctx, stage: StageSpec, params, total_steps: int) -> StageProgr
         frozen_shardings={name: ctx.param_shardings for name in objective.frozen},
         memory_grads=compiled.needs_memory_grads,
         accum_steps=stage.grad_accum,
+        partition=(model.split, model.join) if model.lora is not None else None,
     )
     return StageProgram(
-        tx, objective, step_fn, compiled.needs_memory_grads, shardings, compiled.memory_per_task
+        tx,
+        objective,
+        step_fn,
+        compiled.needs_memory_grads,
+        shardings,
+        compiled.memory_per_task,
+        model,
     )
 
 
 def init_state(program: StageProgram, params) -> TrainState:
     init = jax.jit(
-        lambda p: TrainState(np.zeros((), np.int32), p, program.tx.init(p)),
+        lambda p: TrainState(np.zeros((), np.int32), p, program.tx.init(program.model.split(p)[0])),
         out_shardings=program.shardings,
     )
     return init(params)
@@ -110,17 +122,24 @@ def task_data(ctx, stage: StageSpec) -> list[TaskData]:
     def encoded(examples, kind):
         return encode_all(examples, kind, ctx.tokenizer, stage.seq_len)
 
+    def scorable(task, metric):  # the eval set prepared for the task's metric (a TaskEval)
+        return task_eval(
+            metric,
+            task.data.load("eval"),
+            task.data.kind,
+            ctx.tokenizer,
+            stage.seq_len,
+            stage.eval_batch_size,
+            max_new_tokens=stage.eval_max_new_tokens,
+            where=f"stage {stage.name}, task {task.name}",
+        )
+
     out = []
-    for task in stage.tasks:
+    for task, metric in zip(stage.tasks, stage.task_metrics):
         train = task.data.load("train")
         texts = [str(e.get("prompt", e.get("text", ""))) for e in train]
         out.append(
-            TaskData(
-                task.name,
-                encoded(train, task.data.kind),
-                encoded(task.data.load("eval"), task.data.kind),
-                texts,
-            )
+            TaskData(task.name, encoded(train, task.data.kind), scorable(task, metric), texts)
         )
     return out
 
@@ -306,6 +325,10 @@ class StageRun:
         cursor.record["R"].append(score(cursor.state.params))
         loss = self.program.objective.scalar(self.step_frozen)
         cursor.state = _task_boundary(self.ctx, self.stage, cursor.state, stream, loss)
+        lora = self.program.model.lora
+        if lora is not None and lora.per_task:  # fold the finished adapter, draw the next one
+            params = self.program.model.renew(cursor.state.params, t + 1)
+            cursor.state = cursor.state._replace(params=params)
         if cursor.buffer is not None:
             cursor.buffer.add_task(task.name, task.train, instructions=task.instructions)
         stage_dir = self.ctx.out / "checkpoints" / self.stage.name
@@ -339,6 +362,7 @@ class StageRun:
             "parent": self.parent,
             "record": cursor.record,
             "replay": buffer["meta"] if buffer else None,
+            "lora": self.program.model.describe(),
         }
         path = checkpoint.save_checkpoint(
             self.ctx.out / "checkpoints" / stage.name,
@@ -382,15 +406,16 @@ def run_stage(
     cursor = cursor or Cursor()
     if cursor.state is not None:
         params = cursor.state.params
+    else:
+        start_digest = checkpoint.params_digest(params)  # the plain model the stage starts from
+        params = ctx.model.attach(params)
     tasks = task_data(ctx, stage)
-    eval_sets = [
-        [ctx.put_batch(b) for b in eval_batches(t.eval, stage.eval_batch_size)] for t in tasks
-    ]
+    eval_sets = [t.eval.on_devices(ctx.put_batch) for t in tasks]  # each task by its metric
     total_steps = stage.steps_per_task * len(tasks)
     program = compile_stage(ctx, stage, params, total_steps)
 
     def score(p) -> list[float]:
-        return [score_task(ctx.scorer, p, batches, stage.metric) for batches in eval_sets]
+        return [evaluation.score(ctx, p) for evaluation in eval_sets]
 
     if cursor.state is None:
         cursor.state = init_state(program, params)
@@ -399,11 +424,17 @@ def run_stage(
         objective = program.objective
         if "reference" in objective.frozen + objective.precompute:
             ref = objective.reference_checkpoint
-            cursor.frozen["reference"] = load_reference(ref, params) if ref else _copy(params)
+            if ref:
+                stage_dir, step = resolve_checkpoint(ref)
+                cursor.frozen["reference"] = ctx.model.attach(
+                    ctx.restore_model(stage_dir / str(step))
+                )
+            else:
+                cursor.frozen["reference"] = _copy(params)
         cursor.buffer = new_buffer(ctx, stage, program)
         cursor.record = {
             "probes_before": ctx.probe(params),
-            "start_params_sha256": checkpoint.params_digest(params),
+            "start_params_sha256": start_digest,
             "baseline": score(params),
             "R": [],
             "losses": [],
@@ -446,9 +477,16 @@ def _task_boundary(ctx, stage: StageSpec, state: TrainState, stream, loss) -> Tr
     def last_batches(n: int):
         return (ctx.put_batch(stream[len(stream) - 1 - i]) for i in range(min(n, len(stream))))
 
-    boundary = Boundary(loss, state.params, last_batches, ctx.apply)
+    # The methods see the trainable part only (LoRA: the adapters), the rest bound.
+    trainable, fixed = ctx.model.split(state.params)
+    boundary = Boundary(
+        lambda p, batch: loss(ctx.model.join(p, fixed), batch),
+        trainable,
+        last_batches,
+        lambda p, inputs: ctx.apply(ctx.model.join(p, fixed), inputs),
+    )
     estimates: dict[str, Any] = {}
     for method in stage.methods:
         estimates.update(method.estimates(boundary))
-    opt_state = consolidate(state.opt_state, params=state.params, **estimates)
+    opt_state = consolidate(state.opt_state, params=trainable, **estimates)
     return state._replace(opt_state=opt_state)

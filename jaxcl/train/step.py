@@ -40,8 +40,13 @@ def make_train_step(
     frozen_shardings: Any = None,
     memory_grads: bool = False,
     accum_steps: int = 1,
+    partition: tuple[Callable, Callable] | None = None,
 ):
     """``step(state, batch, frozen, memory) -> (state, metrics)``, jitted, the state donated.
+
+    ``partition = (split, join)`` trains part of the parameters: ``split(params) -> (trainable,
+    fixed)``; the loss is differentiated with respect to ``trainable`` only and the optimizer
+    state covers only it (LoRA: the adapters; see :mod:`jaxcl.train.adapters`).
 
     ``frozen`` is the dict of non-trained parameter trees the objective reads (see
     :mod:`jaxcl.objectives.bound`). With ``memory_grads=True`` the gradient of the objective on
@@ -52,10 +57,15 @@ def make_train_step(
     Metrics include the objective's, and the global gradient norm.
     """
 
-    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+    split, join = partition or (lambda p: (p, {}), lambda t, f: t)
+
+    def partial_loss(trainable, fixed, batch: Batch, frozen: dict):
+        return loss_fn(join(trainable, fixed), batch, frozen)
+
+    value_and_grad = jax.value_and_grad(partial_loss, has_aux=True)
 
     def single(params, batch: Batch, frozen: dict) -> tuple[Metrics, Any]:
-        (_, metrics), grads = value_and_grad(params, batch, frozen)
+        (_, metrics), grads = value_and_grad(*split(params), batch, frozen)
         return metrics, grads
 
     def grad_fn(params, batch: Batch, frozen: dict) -> tuple[Metrics, Any]:
@@ -79,8 +89,9 @@ def make_train_step(
         extra = {}
         if memory_grads:
             extra["memory_grads"] = grad_fn(state.params, memory, frozen)[1]
-        updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
-        params = optax.apply_updates(state.params, updates)
+        trainable, fixed = split(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, trainable, **extra)
+        params = join(optax.apply_updates(trainable, updates), fixed)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
         return TrainState(state.step + 1, params, opt_state), metrics
 
@@ -95,9 +106,14 @@ def make_train_step(
     )
 
 
-def state_shardings_for(tx, params, param_shardings, replicated) -> TrainState:
+def state_shardings_for(
+    tx, params, param_shardings, replicated, split: Callable | None = None
+) -> TrainState:
     """Shardings of a whole :class:`TrainState`: every parameter-shaped leaf of the optimizer
     state (moments, EWC anchors and Fishers, GPM bases...) follows its parameter's mesh axes;
-    scalars are replicated (see :func:`jaxcl.methods.state_shardings`)."""
-    opt = methods.state_shardings(tx, params, param_shardings, replicated)
+    scalars are replicated (see :func:`jaxcl.methods.state_shardings`). With ``split`` the
+    optimizer state covers only the trainable part of the parameters."""
+    split = split or (lambda p: (p, {}))
+    trainable, trainable_shardings = split(params)[0], split(param_shardings)[0]
+    opt = methods.state_shardings(tx, trainable, trainable_shardings, replicated)
     return TrainState(replicated, param_shardings, opt)
