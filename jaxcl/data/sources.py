@@ -10,7 +10,9 @@ through a :class:`FieldMap`, and every error it raises names the place and the f
     train.parquet: column 'prompt' (the prompt) has type int64, expected a string column
 
 Canonical examples: ``{text}`` (kind ``text``), ``{prompt, response}`` or ``{messages}``
-(kind ``instruction``), ``{prompt, chosen, rejected}`` (kind ``preference``).
+(kind ``instruction``; a multiple-choice one adds ``choices``, a list of strings holding the
+response, and an integer ``label`` then indexes it), ``{prompt, chosen, rejected}`` (kind
+``preference``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from jaxcl.data.tokenize import check_messages
 
 CANONICAL = {
     "text": ("text",),
-    "instruction": ("prompt", "response", "messages", "label"),
+    "instruction": ("prompt", "response", "messages", "label", "choices"),
     "preference": ("prompt", "chosen", "rejected"),
 }
 
@@ -155,10 +157,11 @@ class ParquetReader:
                 kind = str(schema.field(top).type)
                 if "." in column or canonical == "label":
                     continue
-                ok = kind.startswith("list<") if canonical == "messages" else kind in _STRING_TYPES
+                listed = canonical in ("messages", "choices")
+                ok = kind.startswith(("list<", "large_list<")) if listed else kind in _STRING_TYPES
                 if not ok:
-                    expected = (
-                        "a list of {role, content}" if canonical == "messages" else "a string"
+                    expected = {"messages": "a list of {role, content}", "choices": "a list"}.get(
+                        canonical, "a string"
                     )
                     raise ValueError(
                         f"{file}: column {top!r} (the {canonical}) has type {kind}, "
@@ -312,13 +315,36 @@ def _prompt(record: dict[str, Any], fm: FieldMap, where: str) -> str:
         ) from None
 
 
-def _label(record: dict[str, Any], fm: FieldMap, where: str) -> str:
+def _choices(record: dict[str, Any], fm: FieldMap, where: str) -> list[str] | None:
+    """A multiple-choice example's options (``None`` when the record has none)."""
+    if "choices" not in fm.fields and "choices" not in record:
+        return None
+    path = fm.column("choices")
+    value = _get(record, path, "choices", where)
+    if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
+        raise ValueError(
+            f"{where}: field {path!r} (the choices) must be a non-empty list of strings, "
+            f"got {value!r:.60}"
+        )
+    return list(value)
+
+
+def _label(
+    record: dict[str, Any], fm: FieldMap, where: str, choices: list[str] | None = None
+) -> str:
     path = fm.column("label")
     value = _get(record, path, "label", where)
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise ValueError(
             f"{where}: field {path!r} (the label) must be an integer or a string, got {value!r}"
         )
+    if isinstance(value, int) and choices is not None:
+        if not 0 <= value < len(choices):
+            raise ValueError(
+                f"{where}: field {path!r} (the label) is {value}, outside the {len(choices)} "
+                "choices"
+            )
+        return choices[value]
     if isinstance(value, int) and fm.label_names is not None:
         if not 0 <= value < len(fm.label_names):
             raise ValueError(
@@ -343,13 +369,22 @@ def normalize(record: Any, kind: str, fm: FieldMap, where: str) -> dict[str, Any
             messages = _get(record, fm.column("messages"), "messages", where)
             return {"messages": check_messages(messages, where)}
         prompt = _prompt(record, fm, where)
+        choices = _choices(record, fm, where)
         uses_label = "label" in fm.fields or (
             "response" not in fm.fields and "label" in record and "response" not in record
         )
         response = (
-            _label(record, fm, where) if uses_label else _string(record, fm, "response", where)
+            _label(record, fm, where, choices)
+            if uses_label
+            else _string(record, fm, "response", where)
         )
-        return {"prompt": prompt, "response": response}
+        if choices is None:
+            return {"prompt": prompt, "response": response}
+        if response not in choices:
+            raise ValueError(
+                f"{where}: the response {response!r:.60} is not one of the choices {choices!r:.120}"
+            )
+        return {"prompt": prompt, "response": response, "choices": choices}
     if kind == "preference":
         row = {
             "prompt": _prompt(record, fm, where),
@@ -414,7 +449,9 @@ def _required_columns(kind: str, fm: FieldMap) -> dict[str, str]:
     elif "messages" in fm.fields:
         names = ["messages"]
     else:
-        names = ([] if fm.prompt_template else ["prompt"]) + (
-            ["label"] if "label" in fm.fields else ["response"]
+        names = (
+            ([] if fm.prompt_template else ["prompt"])
+            + (["label"] if "label" in fm.fields else ["response"])
+            + (["choices"] if "choices" in fm.fields else [])
         )
     return {n: fm.column(n) for n in names}
