@@ -2,14 +2,19 @@
 
 Each variant is the recipe with some fields overridden (``{stages.1.methods: []}`` is plain
 fine-tuning of the second stage), run into ``OUT/compare/<name>``; the recipe itself is the
-``base`` row. The table has, per variant and stage, OP, BWT, FWT and forgetting, the cross-stage
-probe deltas and the wall time; it is printed, written to ``OUT/comparison.json`` and added to the
-report.
+``base`` row. Leading stages a variant shares with the base (same recipe up to and including
+them) are not rerun: the variant's folder starts with the base's checkpoints of those stages and
+the run resumes after them, as an interrupted run would (bit-identical, see
+tests/test_resume.py). The table has, per variant and stage, OP, BWT, FWT and forgetting, the
+cross-stage probe deltas and the wall time; it is printed, written to ``OUT/comparison.json``
+and added to the report.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +48,67 @@ def run_with_variants(
     rows = [summarize("base", run_recipe(recipe, console, overwrite=overwrite))]
     for name in recipe.compare:
         console.rule(f"variant {name}")
-        rows.append(summarize(name, run_recipe(recipe.variant(name), console, overwrite=overwrite)))
+        variant = recipe.variant(name)
+        shared = recipe.stages[: recipe.shared_stages(variant)]
+        if shared and _fresh(variant, overwrite):
+            names = ", ".join(s.name for s in shared)
+            console.print(f"stages {names} are the base run's: their checkpoints are reused")
+            if parallel.is_primary():
+                seed_from(Path(recipe.out_dir), variant, [s.name for s in shared])
+            parallel.barrier(f"jaxcl: variant {name} seeded")
+        row = summarize(name, run_recipe(variant, console))
+        rows.append(dict(row, shared_stages=[s.name for s in shared]))
     if len(rows) > 1:
         print_comparison(console, rows)
         if parallel.is_primary():
             path = Path(recipe.out_dir) / "comparison.json"
             path.write_text(json.dumps({"variants": rows}, indent=2))
     return rows
+
+
+def _fresh(variant: Recipe, overwrite: bool) -> bool:
+    """Whether the variant starts from nothing (then it may reuse the base's stages); an earlier
+    run of the variant itself is resumed instead, unless ``overwrite``."""
+    out = Path(variant.out_dir)
+    if overwrite and parallel.is_primary():
+        for name in ("checkpoints", "manifest.json", "metrics.jsonl", "run.json"):
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    return not (out / "checkpoints").exists()
+
+
+def seed_from(base_dir: Path, variant: Recipe, stages: list[str]) -> None:
+    """Start ``variant``'s run folder with the base run's checkpoints (hard links: no copy),
+    log lines and manifest entries of ``stages``, stamped with the variant's fingerprint, so
+    the variant resumes after them exactly as an interrupted run would."""
+    out = Path(variant.out_dir)
+    for stage in stages:
+        shutil.copytree(
+            base_dir / "checkpoints" / stage, out / "checkpoints" / stage, copy_function=_link
+        )
+    lines = (base_dir / "metrics.jsonl").read_text().splitlines()
+    kept = [line for line in lines if json.loads(line)["stage"] in stages]
+    (out / "metrics.jsonl").write_text("".join(f"{line}\n" for line in kept))
+    entries = json.loads((base_dir / "manifest.json").read_text())["checkpoints"]
+    moved = [
+        dict(e, path=str(out / "checkpoints" / e["stage"] / str(e["step"])))
+        for e in entries
+        if e["stage"] in stages
+    ]
+    (out / "manifest.json").write_text(json.dumps({"checkpoints": moved}, indent=2))
+    stamp = {"recipe": variant.name, "recipe_sha256": variant.fingerprint()}
+    (out / "run.json").write_text(json.dumps(stamp))
+
+
+def _link(src: str, dst: str) -> None:
+    """Hard link where the file system allows it, else copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _fmt(value: float | None) -> str:

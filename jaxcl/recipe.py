@@ -269,13 +269,26 @@ class Recipe(Strict):
             update=OptimizerSpec(**stage.optimizer).model_dump(include=set(stage.optimizer))
         )
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, stages: int | None = None) -> str:
         """sha256 of what determines the run's results: the validated recipe (overrides applied)
         without where it is stored and how it is laid out on devices (``out_dir``, ``mesh``,
-        ``rules``, ``checkpoint_every``), so a run can resume on another mesh or folder."""
+        ``rules``, ``checkpoint_every``), so a run can resume on another mesh or folder.
+        ``stages=k``: of the run's first ``k`` stages only (what two recipes share)."""
         placement = {"out_dir", "mesh", "rules", "checkpoint_every", "compare"}
-        canonical = json.dumps(self.model_dump(mode="json", exclude=placement), sort_keys=True)
+        raw = self.model_dump(mode="json", exclude=placement)
+        if stages is not None:
+            raw["stages"] = raw["stages"][:stages]
+        canonical = json.dumps(raw, sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def shared_stages(self, other: Recipe) -> int:
+        """How many leading stages ``other`` runs exactly as this recipe does."""
+        k = 0
+        while k < min(len(self.stages), len(other.stages)) and self.fingerprint(
+            k + 1
+        ) == other.fingerprint(k + 1):
+            k += 1
+        return k
 
 
 # ----------------------------------------------------------------------------- loading
