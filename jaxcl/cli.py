@@ -114,9 +114,16 @@ def _run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)  # bad recipes fail before any device work
     if args.dry_run:
+        import jax
+
         from jaxcl.plan import format_plan, plan
 
-        print(format_plan(plan(recipe)))
+        # A multi-host launch plans for every process's devices (assumed alike).
+        devices = args.num_processes * jax.local_device_count() if args.num_processes else None
+        print(format_plan(plan(recipe, devices)))
+        for name in recipe.compare:
+            print(f"\nvariant {name} ({recipe.compare[name]}):")
+            print(format_plan(plan(recipe.variant(name), devices)))
         return 0
     parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     run_with_variants(recipe, overwrite=args.overwrite)

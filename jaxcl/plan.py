@@ -11,11 +11,13 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import AbstractMesh, AxisType
 
 from jaxcl import parallel
 from jaxcl.methods import state_shardings
 from jaxcl.objectives.spec import stage_objective
 from jaxcl.recipe import Recipe
+from jaxcl.train.adapters import StageModel
 from jaxcl.train.optim import build_chain
 
 
@@ -30,14 +32,23 @@ def per_device_bytes(tree: Any, shardings: Any) -> int:
     return sum(shard_bytes(x, s) for x, s in zip(leaves, jax.tree.leaves(shardings)))
 
 
-def plan(recipe: Recipe) -> dict[str, Any]:
+def _mesh(recipe: Recipe, devices: int | None) -> Any:
+    """The recipe's mesh over this host's devices, or an abstract one over ``devices``."""
+    if devices is None:
+        return parallel.make_mesh(recipe.mesh.model_dump())
+    sizes = parallel.resolve_mesh_shape(recipe.mesh.model_dump(), devices)
+    axis_types = (AxisType.Auto,) * len(parallel.MESH_AXES)
+    return AbstractMesh(sizes, parallel.MESH_AXES, axis_types=axis_types)
+
+
+def plan(recipe: Recipe, devices: int | None = None) -> dict[str, Any]:
     """Stages, steps, tokens, mesh, and parameter / optimizer + CL state / frozen-tree memory per
-    device for every stage."""
-    mesh = parallel.make_mesh(recipe.mesh.model_dump())
+    device for every stage. ``devices``: plan for that many devices (all processes of a
+    multi-host run) instead of this host's."""
+    mesh = _mesh(recipe, devices)
     rules = [tuple(r) for r in recipe.rules] if recipe.rules else parallel.DEFAULT_RULES
     _, params, names = recipe.model.build_abstract()
     shardings = parallel.tree_shardings(names, params, mesh, rules)
-    param_bytes = per_device_bytes(params, shardings)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
     stages = []
     for stage in recipe.stages:
@@ -45,22 +56,32 @@ def plan(recipe: Recipe) -> dict[str, Any]:
         tx, _ = build_chain(
             recipe.stage_optimizer(stage), total, stage.methods, stage.steps_per_task
         )
-        opt = jax.eval_shape(tx.init, params)
-        opt_sh = state_shardings(tx, params, shardings, parallel.replicated(mesh))
+        tree, tree_sh = params, shardings
+        if stage.lora is not None:  # the stage trains adapters: they join the tree
+            model = StageModel.build(recipe.model, stage.lora)
+            tree = model.like(params)
+            tree_sh = parallel.tree_shardings(model.logical_names, tree, mesh, rules)
+            trainable, trainable_sh = model.split(tree)[0], model.split(tree_sh)[0]
+        else:
+            trainable, trainable_sh = tree, tree_sh
+        opt = jax.eval_shape(tx.init, trainable)
+        opt_sh = state_shardings(tx, trainable, trainable_sh, parallel.replicated(mesh))
         objective = stage_objective(stage, None)
         frozen = len(set(objective.frozen) | set(objective.precompute))
+        tree_bytes = per_device_bytes(tree, tree_sh)
         stages.append(
             {
                 "name": stage.name,
                 "kind": stage.kind,
                 "tasks": [t.name for t in stage.tasks],
                 "methods": [m.name for m in stage.methods],
+                "trainable": sum(math.prod(x.shape) for x in jax.tree.leaves(trainable)),
                 "objective": list(objective.terms),
                 "steps": total,
                 "tokens": total * stage.batch_size * stage.seq_len,
-                "params_bytes_per_device": param_bytes,
+                "params_bytes_per_device": tree_bytes,
                 "opt_state_bytes_per_device": per_device_bytes(opt, opt_sh),
-                "frozen_bytes_per_device": frozen * param_bytes,
+                "frozen_bytes_per_device": frozen * tree_bytes,
             }
         )
     return {
@@ -78,14 +99,15 @@ def format_plan(p: dict[str, Any]) -> str:
     lines = [
         f"{p['recipe']}: {p['model']} ({p['parameters']:,} parameters) on mesh {p['mesh']}",
         "",
-        "| stage | kind | tasks | methods | objective | steps | tokens | params GiB/dev "
+        "| stage | kind | tasks | methods | objective | trained | steps | tokens | params GiB/dev "
         "| opt+CL state GiB/dev | frozen GiB/dev |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in p["stages"]:
         lines.append(
             f"| {s['name']} | {s['kind']} | {', '.join(s['tasks'])} | "
-            f"{', '.join(s['methods']) or '-'} | {' + '.join(s['objective'])} | {s['steps']} | "
+            f"{', '.join(s['methods']) or '-'} | {' + '.join(s['objective'])} | "
+            f"{s['trainable']:,} | {s['steps']} | "
             f"{s['tokens']:,} | {gib(s['params_bytes_per_device'])} | "
             f"{gib(s['opt_state_bytes_per_device'])} | {gib(s['frozen_bytes_per_device'])} |"
         )

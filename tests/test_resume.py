@@ -21,6 +21,7 @@ from jaxcl.train.runner import TrainingDiverged, run_recipe
 ROOT = Path(__file__).parent.parent
 QUICKSTART = ROOT / "recipes/quickstart.yaml"
 MICRO = [
+    "compare={}",  # the quickstart's variants are exercised in test_compare / test_spine
     "model.preset=test-micro",
     "checkpoint_every=2",
     "log_every=1",

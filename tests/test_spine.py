@@ -137,3 +137,22 @@ def test_eval_scores_a_checkpoint_like_the_run_did(quickstart, tmp_path):
         got = json.loads(scores.read_text())["stages"][stage["name"]]["scores"]
         assert [got[t] for t in stage["tasks"]] == stage["R"][-1]
     assert main(["eval", str(tmp_path), str(ROOT / "recipes/quickstart.yaml")]) == 2
+
+
+@pytest.mark.slow
+def test_the_quickstart_compares_replay_with_plain_fine_tuning(quickstart):
+    """Issue 8: the quickstart's `compare:` runs plain fine-tuning beside replay; replay's BWT on
+    the instruction stage is the higher, and the shared pretraining stage was not rerun."""
+    out, results, stdout = quickstart
+    rows = {r["variant"]: r for r in json.loads((out / "comparison.json").read_text())["variants"]}
+    assert set(rows) == {"base", "plain"}
+    replay, plain = rows["base"]["stages"]["cit"]["bwt"], rows["plain"]["stages"]["cit"]["bwt"]
+    print(f"\nCIT BWT: replay {replay:.3f}, plain fine-tuning {plain:.3f}")
+    assert replay > plain
+    assert rows["plain"]["shared_stages"] == ["cpt"]
+    variant = json.loads((out / "compare/plain/results.json").read_text())
+    assert (
+        variant["stages"][0]["final_params_sha256"] == results["stages"][0]["final_params_sha256"]
+    )
+    assert "comparison of variants" in stdout
+    assert "## Comparison of variants" in (out / "report.md").read_text()

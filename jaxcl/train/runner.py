@@ -82,15 +82,21 @@ class RunContext:
         its manifest's ``lora`` entry describes)."""
         step_dir = Path(step_dir)
         lora = checkpoint.read_manifest(step_dir).get("lora")
-        if not lora:
-            return checkpoint.restore_params(step_dir.parent, self.plain_like, int(step_dir.name))
-        from jaxcl.models.spec import LoraSpec
+        model = None
+        if lora:
+            from jaxcl.models.spec import LoraSpec
 
-        model = self._with_adapters(LoraSpec(**lora), 0).model
-        params = checkpoint.restore_params(
-            step_dir.parent, model.like(self.plain_like), int(step_dir.name)
-        )
-        return model.export(params)
+            model = self._with_adapters(LoraSpec(**lora), 0).model
+        like = model.like(self.plain_like) if model else self.plain_like
+        try:
+            params = checkpoint.restore_params(step_dir.parent, like, int(step_dir.name))
+        except (ValueError, KeyError, TypeError) as err:
+            first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err)
+            raise CheckpointMismatch(
+                f"checkpoint {step_dir} does not hold parameters of the recipe's model "
+                f"({self.recipe.model.name}): {first}"
+            ) from None
+        return model.export(params) if model else params
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return parallel.put_global(batch, self.batch_sharding)
@@ -114,6 +120,10 @@ def _write_json(path: Path, payload: Any) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=2))
     tmp.replace(path)
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint whose parameter tree is not the recipe model's."""
 
 
 class RunDirError(RuntimeError):

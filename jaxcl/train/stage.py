@@ -46,7 +46,7 @@ class TrainingDiverged(RuntimeError):
 class TaskData:
     name: str
     train: list[dict[str, np.ndarray]]
-    eval: list[dict[str, np.ndarray]]
+    eval: Any  # jaxcl.eval.tasks.TaskEval: the task's eval set, scored by its metric
     instructions: list[str]  # the train examples' prompts (or texts), for InsCL replay quotas
 
 
@@ -358,6 +358,7 @@ class StageRun:
             "task_done": done,
             "step": int(cursor.state.step),
             "metric": stage.metric,
+            "task_metrics": stage.task_metrics,
             "scores": dict(zip(names, cursor.record["R"][-1])) if done else None,
             "parent": self.parent,
             "record": cursor.record,
@@ -383,6 +384,7 @@ def stage_result(stage: StageSpec, record: dict, checkpoint_path: str, params) -
         "name": stage.name,
         "kind": stage.kind,
         "metric": stage.metric,
+        "task_metrics": stage.task_metrics,
         "tasks": [t.name for t in stage.tasks],
         "R": record["R"],
         "baseline": record["baseline"],
