@@ -116,17 +116,20 @@ def _fmt(value: float | None) -> str:
 
 
 def print_comparison(console: Console, rows: list[dict[str, Any]]) -> None:
-    stages = list(rows[0]["stages"])
-    table = Table(title="comparison of variants")
-    table.add_column("variant")
-    for stage in stages:
-        for metric in METRICS:
-            table.add_column(f"{stage} {metric}", justify="right")
-    for key in DELTAS:
-        table.add_column(key.replace("delta_", "Δ"), justify="right")
-    table.add_column("seconds", justify="right")
+    """Two narrow tables: CL metrics per variant and stage, then deltas, time and reuse."""
+    table = Table(title="comparison of variants: CL metrics per stage")
+    for column in ("variant", "stage", *METRICS):
+        table.add_column(column, justify="left" if column in ("variant", "stage") else "right")
     for row in rows:
-        cells = [_fmt(row["stages"][s][m]) for s in stages for m in METRICS]
-        deltas = [_fmt(row[k]) for k in DELTAS]
-        table.add_row(row["variant"], *cells, *deltas, f"{row['seconds']:.0f}")
+        for stage, metrics in row["stages"].items():
+            table.add_row(row["variant"], stage, *(_fmt(metrics[m]) for m in METRICS))
+        table.add_section()
     console.print(table)
+    overall = Table(title="comparison of variants: cross-stage deltas and wall time")
+    for column in ("variant", *(k.replace("delta_", "Δ") for k in DELTAS), "seconds", "reused"):
+        overall.add_column(column, justify="left" if column in ("variant", "reused") else "right")
+    for row in rows:
+        reused = ", ".join(row.get("shared_stages") or []) or "-"
+        deltas = [_fmt(row[k]) for k in DELTAS]
+        overall.add_row(row["variant"], *deltas, f"{row['seconds']:.0f}", reused)
+    console.print(overall)

@@ -210,6 +210,10 @@ class StageSpec(Strict):
             data["metric"] = self._given_metric
         if self.eval_max_new_tokens is None:
             data.pop("eval_max_new_tokens", None)
+        if "dpo" not in self.model_fields_set:  # a default `dpo:` must not read as given (terms)
+            data.pop("dpo", None)
+        if self.lora is None:
+            data.pop("lora", None)
         return data
 
     def method(self, name: str) -> Any:

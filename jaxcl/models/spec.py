@@ -56,11 +56,17 @@ class ModelSpec(Strict):
         """The model with shapes only (``jax.ShapeDtypeStruct`` leaves): no weights touched."""
         overrides: dict[str, Any] = {"scan_layers": self.scan_layers, "remat": self.remat}
         overrides.update({k: v for k in ("dtype", "param_dtype") if (v := getattr(self, k))})
+        name = self.preset
         if self.source is not None:
-            from jaxcl.models.pretrained import from_pretrained
+            from jaxcl.models.pretrained import WEIGHT_SHAPES, from_pretrained
 
-            return from_pretrained(self.source, abstract=True, **overrides)
-        cfg = preset(self.preset).replace(**overrides)
+            try:
+                return from_pretrained(self.source, abstract=True, **overrides)
+            except FileNotFoundError:
+                if self.source not in WEIGHT_SHAPES:  # a weights package not installed:
+                    raise
+                name = WEIGHT_SHAPES[self.source]  # its shapes are known without it
+        cfg = preset(name).replace(**overrides)
         return nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
 
     def build_abstract(self) -> tuple[nnx.GraphDef, dict, dict]:
