@@ -103,23 +103,27 @@ def _changed_only(recipe, targeted):
 
 
 def test_trace_eight_tasks_in_the_papers_order_with_lwf(tmp_path):
-    """All 8 TRACE tasks, read from the benchmark's layout, trained in the paper's order with
-    LwF (the distill term against the previous task's model); per-task metrics: exact match
-    and ROUGE-L."""
-    lwf = "stages.0.terms=[{name: lm}, {name: distill, weight: 0.25, temperature: 2.0}]"
-    recipe = _recipe(
+    """All 8 TRACE tasks, read from the benchmark's layout, trained in the paper's order by the
+    recipe's `lwf` variant (the distill term against the previous task's model), each task
+    scored by TRACE's metric."""
+    base = _recipe(
         "trace.yaml",
-        tmp_path / "lwf",
-        lwf,
+        tmp_path / "trace",
         "stages.0.seq_len=384",
         "stages.0.eval_max_new_tokens=6",
+        variants=("lwf",),
     )
+    recipe = base.variant("lwf")
+    assert [t.name for t in recipe.stages[0].terms] == ["lm", "distill"]
     _read_every_task(recipe, n_train=12)
     assert [t.name for t in recipe.stages[0].tasks] == list(TRACE_ORDER)
     run_recipe(recipe)
     stage = _results(recipe.out_dir)
     _check_run(stage, TRACE_ORDER)
-    assert stage["metric"] == "exact_match+rouge_l"
+    metrics = dict(zip(TRACE_ORDER, stage["task_metrics"]))
+    assert metrics["MeetingBank"] == "rouge_l" and metrics["FOMC"] == "exact_match"
+    assert metrics["Py150"] == "jaxcl.eval.trace_metrics:edit_similarity"
+    assert metrics["20Minuten"] == "jaxcl.eval.trace_metrics:sari"
     # The teacher is the model at the task's start: the KL is 0 at a task's first step and
     # positive once the student has moved.
     distill = [e["terms/distill"] for e in stage["losses"]]

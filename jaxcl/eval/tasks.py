@@ -13,7 +13,8 @@
   (``multiple_choice_norm``, lm-eval-harness ``acc_norm``); ties go to the first choice;
 * :class:`Generated` (``rouge_l``, custom scorers ``package.module:function``): greedy
   generations from the prompts (:func:`jaxcl.generate`, batched), decoded with the tokenizer and
-  compared with the reference responses by the string scorer.
+  compared with the reference responses by the string scorer; a custom scorer with a parameter
+  named ``prompts`` also gets the prompts as text (:func:`prompt_texts`), by keyword.
 
 Long inputs: a multiple-choice row keeps its choice whole and drops prompt tokens from the left
 (after bos) to fit ``seq_len + 1`` tokens; a generation prompt is cut the same way to at most
@@ -27,6 +28,7 @@ reads ``ctx.scorer`` (:func:`jaxcl.eval.make_batch_scorer` of the model), ``ctx.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -105,7 +107,8 @@ def choice_accuracy(
 
 @dataclasses.dataclass
 class Generated:
-    """A string scorer (``rouge_l`` or a custom one) on greedy generations."""
+    """A string scorer (``rouge_l`` or a custom one) on greedy generations; ``texts``: the
+    prompts as text, for a custom scorer that takes ``prompts``."""
 
     metric: str
     prompts: list[list[int]]
@@ -113,6 +116,7 @@ class Generated:
     max_new_tokens: int
     batch_size: int
     seq_len: int
+    texts: list[str] | None = None
 
     def on_devices(self, put_batch) -> Generated:
         return self  # prompts are placed per generation batch
@@ -129,15 +133,40 @@ class Generated:
         )
 
     def score(self, ctx, params) -> float:
-        return score_strings(self.metric, self.predictions(ctx, params), self.references)
+        return score_strings(
+            self.metric, self.predictions(ctx, params), self.references, prompts=self.texts
+        )
 
 
-def score_strings(metric: str, predictions: list[str], references: list[str]) -> float:
-    """``rouge_l`` (the mean sentence-level F1) or custom scorer ``metric`` on the texts."""
+def takes_prompts(fn: Callable[..., Any]) -> bool:
+    """Whether scorer ``fn`` has a parameter named ``prompts`` (it is then passed by keyword)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no signature to read: the plain two-argument contract
+        return False
+    param = params.get("prompts")
+    return param is not None and param.kind not in (param.VAR_POSITIONAL, param.POSITIONAL_ONLY)
+
+
+def score_strings(
+    metric: str,
+    predictions: list[str],
+    references: list[str],
+    prompts: Sequence[str] | None = None,
+) -> float:
+    """``rouge_l`` (the mean sentence-level F1) or custom scorer ``metric`` on the texts; a
+    custom scorer with a ``prompts`` parameter gets ``prompts=`` the prompt texts too."""
     if not is_custom(metric):
         return string_score(metric, predictions, references)
     fn = load_scorer(metric)
-    value = fn(list(predictions), list(references))
+    extra: dict[str, Any] = {}
+    if takes_prompts(fn):
+        if prompts is None:
+            raise ValueError(f"custom scorer {metric!r} takes prompts, but none were given")
+        if len(prompts) != len(predictions):
+            raise ValueError(f"{len(prompts)} prompts for {len(predictions)} predictions")
+        extra["prompts"] = list(prompts)
+    value = fn(list(predictions), list(references), **extra)
     try:
         return float(value)
     except (TypeError, ValueError):
@@ -238,6 +267,20 @@ def generation_prompts(
     return prompts, references  # type: ignore[return-value]
 
 
+def prompt_texts(examples: Sequence[dict[str, Any]]) -> list[str]:
+    """Each example's prompt as text: ``prompt``, or for a chat the content of the message just
+    before its last assistant message (the turn that the reference answers; ``""`` if none)."""
+    texts = []
+    for e in examples:
+        if "messages" in e:
+            msgs = e["messages"]
+            last = max(k for k, m in enumerate(msgs) if m["role"] == "assistant")
+            texts.append(str(msgs[last - 1]["content"]) if last > 0 else "")
+        else:
+            texts.append(str(e["prompt"]))
+    return texts
+
+
 def encode_choices(
     examples: Sequence[dict[str, Any]],
     tokenizer: Any,
@@ -312,7 +355,8 @@ def task_eval(
         if max_new_tokens is None:
             longest = max(len(ids) for ids in token_ids(tokenizer, references))
             max_new_tokens = longest + 1  # the reference and its end-of-sequence token
-        return Generated(metric, prompts, references, max_new_tokens, batch_size, seq_len)
+        texts = prompt_texts(examples)
+        return Generated(metric, prompts, references, max_new_tokens, batch_size, seq_len, texts)
     encoded = encode_all(examples, kind, tokenizer, seq_len)
     return TeacherForced(metric, eval_batches(encoded, batch_size))
 
@@ -326,7 +370,9 @@ __all__ = [
     "encode_choices",
     "generation_prompts",
     "greedy_texts",
+    "prompt_texts",
     "score_strings",
+    "takes_prompts",
     "task_eval",
     "tokenizer_size",
 ]
