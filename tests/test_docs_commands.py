@@ -24,8 +24,8 @@ with ``tests.test_resume.MICRO`` and ``out_dir`` in tmp (the one genuine run).
 command                  exercised as
 =======================  ========================================================================
 jaxcl run RECIPE ...     with ``--dry-run`` added; an absolute ``out_dir=`` moved into tmp; with
-                         ``--num-processes N``, planned on N host devices (XLA_FLAGS), as a dry
-                         run does not join the cluster. Checked: exit 0, the plan lists every stage
+                         ``--num-processes N``, one device per process: the dry run plans for N
+                         devices without joining. Checked: exit 0, the plan lists every stage
 jaxcl eval CKPT R ...    CKPT ``runs/quickstart/checkpoints/S/N``: N must be a step the full
                          recipe checkpoints; it runs on the micro run's last checkpoint of stage
                          S, MICRO appended. Checked: every stage scored, ``--json`` file written
@@ -454,7 +454,8 @@ def _overrides(args: list[str]) -> list[str]:
 
 
 def _run(cmd, args, env, ws):
-    """+ --dry-run; an absolute out_dir moves into tmp; N processes plan on N host devices."""
+    """+ --dry-run; an absolute out_dir moves into tmp; N processes of one device each plan on
+    N devices (``jaxcl run --dry-run --num-processes N``)."""
     args = [
         f"out_dir={ws.tmp / 'out' / a.split('=', 1)[1].strip('/')}"
         if a.startswith("out_dir=/")
@@ -462,8 +463,8 @@ def _run(cmd, args, env, ws):
         for a in args
     ]
     if "--num-processes" in args and "XLA_FLAGS" not in env:
-        n = args[args.index("--num-processes") + 1]
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
+        # Each process of the documented launch has one CPU device; the dry run plans for all.
+        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
     if "--dry-run" not in args:
         args.append("--dry-run")
     recipe = next((a for a in args if not a.startswith("-") and "=" not in a), None)
