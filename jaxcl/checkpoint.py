@@ -75,11 +75,14 @@ def abstract(tree: Any) -> Any:
 
 
 def all_steps(stage_dir: Path) -> list[int]:
-    """Committed checkpoint steps of a stage, ascending (half-written ones are not listed)."""
+    """Committed checkpoint steps of a stage, ascending (half-written ones are not listed: Orbax
+    writes a save into a temporary folder and renames it to the step when complete).
+
+    Read from the folder, not through a ``CheckpointManager``: creating one is a collective
+    across processes, and whether the folder exists yet may differ between them."""
     if not stage_dir.exists():
         return []
-    with _manager(stage_dir) as mgr:
-        return sorted(mgr.all_steps())
+    return sorted(int(p.name) for p in stage_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
 
 def latest_step(stage_dir: Path) -> int | None:
@@ -88,6 +91,8 @@ def latest_step(stage_dir: Path) -> int | None:
 
 
 def delete_steps(stage_dir: Path, steps: list[int]) -> None:
+    if not steps:
+        return
     with _manager(stage_dir) as mgr:
         for step in steps:
             mgr.delete(step)
