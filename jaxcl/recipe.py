@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -409,4 +411,33 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(f"{path}: not valid YAML: {err}") from None
     if isinstance(raw, dict):
         raw = apply_overrides(raw, overrides or [])
+        raw = expand_env(raw, str(path))
     return validate(raw, source=str(path), yaml_root=root)
+
+
+_ENV = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def expand_env(raw: Any, source: str, where: str = "") -> Any:
+    """``${NAME}`` and ``${NAME:-default}`` in every string of the recipe, from the environment
+    (``TRACE_DATA=/data/trace jaxcl run recipes/trace.yaml``). An unset variable without a
+    default is an error naming the field."""
+    if isinstance(raw, dict):
+        return {k: expand_env(v, source, f"{where}.{k}".lstrip(".")) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [expand_env(v, source, f"{where}[{i}]") for i, v in enumerate(raw)]
+    if not isinstance(raw, str) or "${" not in raw:
+        return raw
+
+    def value(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is None:
+            raise RecipeError(
+                f"{source}: {where}: environment variable {name} is not set "
+                f"(set it, or write ${{{name}:-default}})"
+            )
+        return default
+
+    return _ENV.sub(value, raw)

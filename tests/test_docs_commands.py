@@ -474,12 +474,15 @@ def _run(cmd, args, env, ws):
     def check(out):
         from jaxcl.recipe import load_recipe
 
-        here = os.getcwd()
+        here, saved = os.getcwd(), dict(os.environ)
         os.chdir(ws.cwd)
+        os.environ.update(env)  # the command's own variables (a recipe may name them)
         try:
             stages = [s.name for s in load_recipe(recipe, _overrides(args)).stages]
         finally:
             os.chdir(here)
+            os.environ.clear()
+            os.environ.update(saved)
         missing = [s for s in stages if f"| {s} |" not in out]
         return f"the plan lacks stages {missing}" if missing else ""
 

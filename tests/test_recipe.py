@@ -137,3 +137,17 @@ def test_compare_variants_validate_before_training(tmp_path):
     ]:
         with pytest.raises(RecipeError, match=message):
             load_recipe(QUICKSTART, [bad])
+
+
+def test_environment_references_in_recipe_strings(tmp_path, monkeypatch):
+    """`${NAME}` / `${NAME:-default}` expand from the environment; an unset one without a
+    default is an error naming the field."""
+    from jaxcl.recipe import expand_env
+
+    monkeypatch.setenv("JAXCL_TEST_ROOT", "/data/x")
+    monkeypatch.delenv("JAXCL_TEST_UNSET", raising=False)
+    raw = {"a": ["${JAXCL_TEST_ROOT}/t", {"b": "${JAXCL_TEST_UNSET:-dflt}/u"}], "n": 3}
+    assert expand_env(raw, "r.yaml") == {"a": ["/data/x/t", {"b": "dflt/u"}], "n": 3}
+    unset = r"r.yaml: a\[1\].b: environment variable JAXCL_TEST_UNSET is not set"
+    with pytest.raises(RecipeError, match=unset):
+        expand_env({"a": [0, {"b": "${JAXCL_TEST_UNSET}"}]}, "r.yaml")
