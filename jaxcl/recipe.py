@@ -51,6 +51,11 @@ class OptimizerSpec(Strict):
     rewarm: Literal["stage", "task"] = Field(
         "stage", description="restart warm-up and decay at each stage, or at each task"
     )
+    moments: Literal["stage", "task"] = Field(
+        "stage",
+        description="AdamW's moments start afresh at each stage, or at each task (a fresh "
+        "optimizer per task, as O-LoRA's scripts); the schedule and CL state carry on",
+    )
     end_lr_factor: float = Field(0.1, ge=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
     b1: float = Field(0.9, ge=0, lt=1)

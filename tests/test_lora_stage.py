@@ -8,6 +8,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import optax
 import pytest
 from flax.traverse_util import flatten_dict
 
@@ -22,7 +23,7 @@ from tests.test_resume import MICRO, QUICKSTART
 
 LORA_CIT = [
     "stages.1.steps_per_task=8",
-    "stages.1.optimizer={lr: 1.0e-2}",
+    "stages.1.optimizer={lr: 1.0e-2, moments: task}",
     "stages.1.lora={rank: 4, alpha: 8, targets: [q, v]}",
     "stages.1.methods=[{name: replay, ratio: 0.25, capacity: 64}, {name: o_lora, lam: 0.5}]",
 ]
@@ -89,6 +90,13 @@ def test_o_lora_history_holds_one_subspace_per_task(lora_run):
         if isinstance(s, OLoraState)
     ]
     assert int(state.tasks) == 3
+    # `moments: task`: each task ends with AdamW's moments restarted for the next adapter.
+    (adam,) = [
+        s
+        for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+        if isinstance(s, optax.ScaleByAdamState)
+    ]
+    assert int(adam.count) == 0 and not any(np.any(m) for m in jax.tree.leaves(adam.mu))
     for h in jax.tree.leaves(state.history):
         h = np.asarray(h)
         used, unused = h[..., : 3 * 4], h[..., 3 * 4 :]

@@ -88,3 +88,44 @@ def test_rewarm_per_task_restarts_the_schedule():
     assert first[0] == pytest.approx(0.5) and first[2] == pytest.approx(1.0) and first[9] < 0.2
     whole = lr_schedule(spec.model_copy(update={"rewarm": "stage"}), 30, 10)
     assert float(whole(10)) > 0.5  # one schedule over the stage: no restart at step 10
+
+
+def _nodes(tree, kind):
+    return [
+        s
+        for s in jax.tree.leaves(tree, is_leaf=lambda s: isinstance(s, kind))
+        if isinstance(s, kind)
+    ]
+
+
+def test_restarted_moments_make_the_next_update_adams_first_step():
+    """`optimizer.moments: task`: after `restart_moments`, AdamW's next update is
+    -lr_t · g/(|g| + eps) per coordinate (Adam's first step), at the schedule's current position;
+    the schedule count and the CL state (EWC's anchor and Fisher) are untouched."""
+    from jaxcl.methods import consolidate
+    from jaxcl.methods.regularize import EwcState
+    from jaxcl.methods.specs import EwcSpec
+    from jaxcl.train.optim import build_chain, restart_moments
+
+    spec = OptimizerSpec(lr=0.1, warmup_steps=0, schedule="linear", end_lr_factor=0.0)
+    tx, _ = build_chain(spec, 20, [EwcSpec(name="ewc", lam=0.0)], 10)
+    params = {"w": jnp.arange(1.0, 7.0).reshape(2, 3)}
+    state = tx.init(params)
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        g = {"w": jnp.asarray(rng.normal(size=(2, 3)), jnp.float32)}
+        updates, state = tx.update(g, state, params)
+        params = optax.apply_updates(params, updates)
+    state = consolidate(state, params=params, fisher={"w": jnp.full((2, 3), 2.0)})
+    fresh = restart_moments(state)
+    (adam,) = _nodes(fresh, optax.ScaleByAdamState)
+    assert int(adam.count) == 0 and not np.any(adam.mu["w"]) and not np.any(adam.nu["w"])
+    (schedule,) = _nodes(fresh, optax.ScaleByScheduleState)
+    assert int(schedule.count) == 5
+    (ewc_before,), (ewc_after,) = _nodes(state, EwcState), _nodes(fresh, EwcState)
+    np.testing.assert_array_equal(ewc_after.anchor["w"], ewc_before.anchor["w"])
+    np.testing.assert_array_equal(ewc_after.fisher["w"], np.full((2, 3), 2.0))
+    g = {"w": jnp.asarray([[1.0, -2.0, 0.5], [-0.1, 3.0, -4.0]])}
+    updates, _ = tx.update(g, fresh, params)
+    lr_now = 0.1 * (1 - 5 / 20)  # linear decay after 5 of 20 steps: the schedule kept its place
+    np.testing.assert_allclose(updates["w"], -lr_now * np.sign(g["w"]), rtol=1e-5)

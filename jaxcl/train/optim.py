@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from jaxcl.methods.compose import chain as jaxcl_chain
@@ -52,3 +54,18 @@ def build_chain(
     parts.append(optax.adamw(schedule, b1=spec.b1, b2=spec.b2, weight_decay=spec.weight_decay))
     parts.extend(compiled.behind)
     return jaxcl_chain(*parts), compiled
+
+
+def restart_moments(opt_state: optax.OptState) -> optax.OptState:
+    """AdamW's first and second moments and its bias-correction count back to zero, as in a
+    freshly built optimizer; everything else (the learning-rate schedule's position, every CL
+    method's state) is kept. The next update is then ``-lr_t · g / (|g| + eps)`` per coordinate
+    (plus weight decay), Adam's first step."""
+
+    def fresh(state):
+        if not isinstance(state, optax.ScaleByAdamState):
+            return state
+        zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)  # noqa: E731
+        return optax.ScaleByAdamState(jnp.zeros_like(state.count), zeros(state.mu), zeros(state.nu))
+
+    return jax.tree.map(fresh, opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))

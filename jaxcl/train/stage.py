@@ -34,7 +34,7 @@ from jaxcl.objectives.reference import (
 )
 from jaxcl.objectives.spec import stage_objective
 from jaxcl.recipe import StageSpec
-from jaxcl.train.optim import build_chain
+from jaxcl.train.optim import build_chain, restart_moments
 from jaxcl.train.step import TrainState, make_train_step, state_shardings_for
 
 
@@ -329,6 +329,8 @@ class StageRun:
         if lora is not None and lora.per_task:  # fold the finished adapter, draw the next one
             params = self.program.model.renew(cursor.state.params, t + 1)
             cursor.state = cursor.state._replace(params=params)
+        if self.ctx.recipe.stage_optimizer(self.stage).moments == "task":
+            cursor.state = cursor.state._replace(opt_state=restart_moments(cursor.state.opt_state))
         if cursor.buffer is not None:
             cursor.buffer.add_task(task.name, task.train, instructions=task.instructions)
         stage_dir = self.ctx.out / "checkpoints" / self.stage.name
