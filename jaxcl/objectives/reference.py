@@ -2,8 +2,8 @@
 
 * A reference may come from a named earlier checkpoint: :func:`checkpoint_problem` says why a
   path is not one (used at recipe validation, so a missing checkpoint fails before training),
-  :func:`resolve_checkpoint` finds its step folder and :func:`load_reference` restores it shaped
-  and sharded like the policy.
+  :func:`resolve_checkpoint` finds its step folder; the trainer restores it as a plain model
+  (``RunContext.restore_model``: a LoRA stage's adapters folded in) shaped like the policy.
 * Reference log-probs can be precomputed once per dataset pass and cached in the examples:
   :func:`annotate_reference_logps` adds ``ref_chosen_logps`` / ``ref_rejected_logps`` (summed
   response log-probs under the reference, float32 scalars) to encoded preference examples; the
@@ -62,14 +62,6 @@ def resolve_checkpoint(path: str) -> tuple[Path, int]:
     if _is_step_dir(p):
         return p.parent, int(p.name)
     return p, max(int(c.name) for c in p.iterdir() if _is_step_dir(c))
-
-
-def load_reference(path: str, params_like: Any) -> Any:
-    """The parameters of checkpoint ``path``, shaped and sharded like ``params_like``."""
-    from jaxcl import checkpoint  # here: jaxcl.checkpoint pulls in orbax
-
-    stage_dir, step = resolve_checkpoint(path)
-    return checkpoint.restore_params(stage_dir, params_like, step)
 
 
 # ----------------------------------------------------------------------------- precomputed
