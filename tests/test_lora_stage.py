@@ -151,7 +151,7 @@ def test_one_adapter_per_stage_is_folded_at_the_end(tmp_path):
         assert np.abs(raw[b]).max() > 0  # trained
         want = raw[kernel].astype(np.float64) + 3.0 * raw[a].astype(np.float64) @ raw[b]
         np.testing.assert_allclose(plain[kernel], want, rtol=0, atol=1e-6)
-    assert results["stages"][1]["R"]
+    assert np.shape(results["stages"][1]["R"]) == (3, 3)  # every task scored after each
 
 
 def test_attach_renew_export_keep_the_function():

@@ -7,6 +7,7 @@ stands behind it: as in the RecAdam paper its quadratic term is decoupled from A
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Literal, NamedTuple
 
@@ -101,22 +102,25 @@ def ewc(lam: float, decay: float = 1.0) -> Front:
     _check_lam(lam, "ewc")
     _check_decay(decay, "ewc")
 
-    def init(params: optax.Params) -> EwcState:
-        return EwcState(
-            anchor=jax.tree.map(jnp.array, params),
-            fisher=jax.tree.map(jnp.zeros_like, params),
-            decay=jnp.asarray(decay, jnp.float32),
-        )
-
+    init = functools.partial(_anchored, EwcState, decay=decay)
     return front(init, _weighted_pull(lam, lambda s: s.fisher, "ewc"))
 
 
+def _anchored(kind: type, params: optax.Params, decay: float):
+    """``kind(θ* = params, weights = 0, γ = decay)``: the initial state of EWC and MAS."""
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    return kind(jax.tree.map(jnp.array, params), zeros, jnp.asarray(decay, jnp.float32))
+
+
+def _reanchored(state, params: optax.Params, new: optax.Params):
+    """θ* ← θ and weights ← γ·weights + new (EWC's Fisher, MAS's Ω) at a task boundary."""
+    _, weights, decay = state
+    accumulated = jax.tree.map(lambda old, fresh: decay * old + fresh, weights, new)
+    return type(state)(jax.tree.map(jnp.array, params), accumulated, decay)
+
+
 def _refresh_ewc(state: EwcState, *, params, fisher, **_) -> EwcState:
-    return EwcState(
-        anchor=jax.tree.map(jnp.array, params),
-        fisher=jax.tree.map(lambda old, new: state.decay * old + new, state.fisher, fisher),
-        decay=state.decay,
-    )
+    return _reanchored(state, params, fisher)
 
 
 def mas(lam: float, decay: float = 1.0) -> Front:
@@ -131,24 +135,12 @@ def mas(lam: float, decay: float = 1.0) -> Front:
     _check_lam(lam, "mas")
     _check_decay(decay, "mas")
 
-    def init(params: optax.Params) -> MasState:
-        return MasState(
-            anchor=jax.tree.map(jnp.array, params),
-            importance=jax.tree.map(jnp.zeros_like, params),
-            decay=jnp.asarray(decay, jnp.float32),
-        )
-
+    init = functools.partial(_anchored, MasState, decay=decay)
     return front(init, _weighted_pull(lam, lambda s: s.importance, "mas"))
 
 
 def _refresh_mas(state: MasState, *, params, mas_importance, **_) -> MasState:
-    return MasState(
-        anchor=jax.tree.map(jnp.array, params),
-        importance=jax.tree.map(
-            lambda old, new: state.decay * old + new, state.importance, mas_importance
-        ),
-        decay=state.decay,
-    )
+    return _reanchored(state, params, mas_importance)
 
 
 def l2_anchor(lam: float) -> Front:

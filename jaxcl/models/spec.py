@@ -53,6 +53,13 @@ class ModelSpec(Strict):
         """What the model is, for logs: the source if given, else the preset."""
         return self.source or self.preset
 
+    @property
+    def overrides(self) -> dict[str, Any]:
+        """The config fields this entry sets on top of the preset or the pretrained config."""
+        out: dict[str, Any] = {"scan_layers": self.scan_layers, "remat": self.remat}
+        out.update({k: v for k in ("dtype", "param_dtype") if (v := getattr(self, k))})
+        return out
+
     def abstract_model(self) -> nnx.Module:
         """The model with shapes only (``jax.ShapeDtypeStruct`` leaves): no weights touched.
         A fresh module each call (callers may add adapters to it); the shapes are read once per
@@ -72,8 +79,7 @@ class ModelSpec(Strict):
         """``(graphdef, params, logical axis names, tokenizer)``; params a pure dict."""
         from jaxcl.parallel import param_logical_names
 
-        overrides: dict[str, Any] = {"scan_layers": self.scan_layers, "remat": self.remat}
-        overrides.update({k: v for k in ("dtype", "param_dtype") if (v := getattr(self, k))})
+        overrides = self.overrides
         if self.source is not None:
             from jaxcl.models.pretrained import from_pretrained, load_tokenizer
 
@@ -126,8 +132,7 @@ class LoraSpec(Strict):
 def abstract_parts(spec_json: str) -> tuple[nnx.GraphDef, nnx.State]:
     """``nnx.split`` of the shape-only model of a :class:`ModelSpec` (given as JSON)."""
     spec = ModelSpec.model_validate_json(spec_json)
-    overrides: dict[str, Any] = {"scan_layers": spec.scan_layers, "remat": spec.remat}
-    overrides.update({k: v for k in ("dtype", "param_dtype") if (v := getattr(spec, k))})
+    overrides = spec.overrides
     name = spec.preset
     if spec.source is not None:
         from jaxcl.models.pretrained import WEIGHT_SHAPES, from_pretrained

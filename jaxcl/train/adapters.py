@@ -17,6 +17,7 @@ the ``o_lora`` method, whose history holds the earlier ``A``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,7 +116,11 @@ class StageModel:
         """Stage tree → plain parameters: ``W ← W + (α/r)·A·B`` for every adapter, dropped."""
         if self.lora is None:
             return params
-        return jax.jit(self._fold)(params)
+        return self._fold_jitted(params)
+
+    @functools.cached_property
+    def _fold_jitted(self):
+        return jax.jit(self._fold)  # one compilation per stage, reused at every task boundary
 
     def renew(self, params: dict, task: int) -> dict:
         """Fold the adapter into the base weights and draw adapter ``task`` (same function)."""

@@ -57,6 +57,7 @@ class RunContext:
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
     model: StageModel | None = None  # what the step trains (set by make_context / for_stage)
     plain_like: Any = None  # shapes and shardings of the plain model parameters
+    adapted: dict[tuple, RunContext] = field(default_factory=dict)  # LoRA contexts, built once
 
     def __post_init__(self) -> None:
         self.apply = make_apply(self.graphdef)
@@ -71,11 +72,14 @@ class RunContext:
         return self._with_adapters(stage.lora, zlib.crc32(stage.name.encode()))
 
     def _with_adapters(self, lora: Any, salt: int) -> RunContext:
-        model = StageModel.build(self.recipe.model, lora, seed=self.recipe.seed * 7919 + salt)
-        shardings = model.place(self.mesh, self.rules, self.plain_like)
-        return dataclasses.replace(
-            self, graphdef=model.graphdef, param_shardings=shardings, model=model
-        )
+        key = (lora.model_dump_json(), salt)
+        if key not in self.adapted:
+            model = StageModel.build(self.recipe.model, lora, seed=self.recipe.seed * 7919 + salt)
+            shardings = model.place(self.mesh, self.rules, self.plain_like)
+            self.adapted[key] = dataclasses.replace(
+                self, graphdef=model.graphdef, param_shardings=shardings, model=model
+            )
+        return self.adapted[key]
 
     def restore_model(self, step_dir: Path) -> Any:
         """The plain model parameters of any checkpoint (a LoRA stage's adapters folded in, as
