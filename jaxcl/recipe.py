@@ -168,6 +168,15 @@ class StageSpec(Strict):
             raise ValueError(
                 "method o_lora needs LoRA adapters: add `lora: {rank: 8}` to the stage"
             )
+        if self.lora is not None and self.lora.per_task:
+            for i, method in enumerate(self.methods):
+                if method.describes_weights:
+                    raise ValueError(
+                        f"methods[{i}] ({method.name}) keeps anchors, importances, bases or masks "
+                        "of the trained tree, but lora.per_task folds each task's adapter into "
+                        "the base and draws a fresh one, so that state would describe an adapter "
+                        f"that no longer exists: drop lora.per_task or {method.name}"
+                    )
         if o_lora is not None and o_lora.max_tasks < len(self.tasks):
             raise ValueError(
                 f"o_lora.max_tasks ({o_lora.max_tasks}) must be at least the stage's number of "

@@ -6,33 +6,24 @@ state mirrors the parameter tree; compose them with :func:`chain` (a checked ``o
 """
 
 from jaxcl.methods._tree import kernels, matches, skipped
+from jaxcl.methods.activations import activation_covariance, layer_inputs
 from jaxcl.methods.catalog import CATALOG, MethodInfo
 from jaxcl.methods.compose import Behind, Front, chain, check_order, position, state_shardings
 from jaxcl.methods.consolidate import consolidate, register_consolidator, required_estimates
-from jaxcl.methods.importance import (
-    activation_covariance,
-    fisher_diagonal,
-    layer_inputs,
-    mas_importance,
-)
+from jaxcl.methods.gpm import GpmState, gpm, gpm_expand
+from jaxcl.methods.importance import fisher_diagonal, mas_importance
 from jaxcl.methods.isolate import (
     FreezeState,
     PackNetState,
-    SoftMaskState,
     freeze,
-    normalized_importance,
     packnet,
     packnet_task_params,
-    soft_mask,
 )
 from jaxcl.methods.project import (
     AgemState,
-    GpmState,
     OgdState,
     OLoraState,
     agem,
-    gpm,
-    gpm_expand,
     o_lora,
     o_lora_penalty,
     ogd,
@@ -50,6 +41,7 @@ from jaxcl.methods.regularize import (
     recadam_lambda,
     si,
 )
+from jaxcl.methods.softmask import SoftMaskState, normalized_importance, soft_mask
 from jaxcl.methods.weights import (
     average,
     elastic_reset,

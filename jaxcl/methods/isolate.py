@@ -6,15 +6,17 @@ final update, so AdamW's momentum and decoupled weight decay cannot move a prote
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from pydantic import Field
 
 from jaxcl.methods._tree import SKIP, Select, is_skip, kernels, selection, skipped
-from jaxcl.methods.compose import Behind, behind
+from jaxcl.methods.compose import Behind, Position, behind
 from jaxcl.methods.consolidate import register_consolidator
+from jaxcl.methods.protocol import MethodSpecBase, kernel_select
 
 
 class FreezeState(NamedTuple):
@@ -28,12 +30,6 @@ class PackNetState(NamedTuple):
     owner: optax.Params
     tasks: jax.Array
     prune: jax.Array
-
-
-class SoftMaskState(NamedTuple):
-    """Accumulated normalised importance Î ∈ [0, 1] shaped like the parameters."""
-
-    importance: optax.Params
 
 
 def freeze(select: Select) -> Behind:
@@ -122,52 +118,27 @@ def packnet_task_params(params: optax.Params, state: PackNetState, task: int) ->
     return jax.tree.map(view, params, state.owner)
 
 
-def soft_mask(select: Select | None = None) -> Behind:
-    """Soft masking of updates by importance, DAS-style (Ke et al., 2023).
-
-    ``u ← u ⊙ (1 − Î)``. At each task boundary the raw importance I of the finished task
-    (``soft_mask_importance=``, e.g. :func:`jaxcl.methods.mas_importance`) is normalised per leaf,
-    ``Î_new = |tanh((I − mean I) / std I)|``, and accumulated: ``Î ← max(Î, Î_new)``. Î starts
-    at 0 (the first task trains freely). Standing behind the optimizer, the scaling is not undone
-    by Adam's normalisation. Memory: 1 parameter-sized buffer (of the selected leaves).
-    """
-
-    def init(params: optax.Params) -> SoftMaskState:
-        flags = (
-            jax.tree.map(lambda _: True, params) if select is None else selection(select, params)
-        )
-        return SoftMaskState(
-            jax.tree.map(lambda p, f: jnp.zeros_like(p) if f else SKIP(), params, flags)
-        )
-
-    def update(updates, state: SoftMaskState, params=None, **extra_args):
-        del params, extra_args
-
-        def scale(u, m):
-            return u if skipped(m) else (u * (1 - m)).astype(u.dtype)
-
-        return jax.tree.map(scale, updates, state.importance), state
-
-    return behind(init, update)
-
-
-def normalized_importance(importance: jax.Array) -> jax.Array:
-    """DAS's normalisation ``|tanh((I − mean I) / std I)|`` of one leaf (std 0 → all zero)."""
-    x = importance.astype(jnp.float32)
-    std = jnp.std(x)
-    return jnp.abs(jnp.tanh((x - jnp.mean(x)) / jnp.where(std > 0, std, 1.0)))
-
-
-def _refresh_soft_mask(state: SoftMaskState, *, params, soft_mask_importance, **_) -> SoftMaskState:
-    del params
-
-    def acc(m, i):
-        return m if skipped(m) else jnp.maximum(m, normalized_importance(i).astype(m.dtype))
-
-    return SoftMaskState(jax.tree.map(acc, state.importance, soft_mask_importance, is_leaf=is_skip))
-
-
 register_consolidator(PackNetState, "packnet", _refresh_packnet)
-register_consolidator(
-    SoftMaskState, "soft_mask", _refresh_soft_mask, requires=("soft_mask_importance",)
-)
+
+
+# ----------------------------------------------------------------------------- recipe entries
+
+
+class FreezeSpec(MethodSpecBase):
+    name: Literal["freeze"]
+    position: ClassVar[Position] = "behind"
+    include: str = Field(description="regex of the leaves to freeze, e.g. 'embed|lm_head'")
+
+    def transform(self, **_: Any) -> optax.GradientTransformationExtraArgs:
+        return freeze(self.include)
+
+
+class PackNetSpec(MethodSpecBase):
+    name: Literal["packnet"]
+    position: ClassVar[Position] = "behind"
+    describes_weights: ClassVar[bool] = True
+    prune: float = Field(0.5, ge=0, lt=1, description="fraction of free weights pruned per task")
+    include: str | None = Field(None, description="regex of the kernels to pack (all kernels)")
+
+    def transform(self, **_: Any) -> optax.GradientTransformationExtraArgs:
+        return packnet(self.prune, select=kernel_select(self.include, None))

@@ -4,21 +4,24 @@ All stand in front of the base optimizer and edit the raw gradient:
 
 * ``agem``: one global projection against the gradient on a replay batch (``memory_grads``);
 * ``ogd``: per-leaf projection out of an orthonormal basis of stored gradient directions;
-* ``gpm``: per-layer projection out of the input-representation subspace of earlier tasks;
 * ``o_lora``: a penalty making LoRA A matrices orthogonal to those of earlier tasks.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from pydantic import Field
 
-from jaxcl.methods._tree import SKIP, Select, is_skip, kernels, path_str, selection, skipped, vdot
+from jaxcl.data.replay import ReplayBuffer
+from jaxcl.methods._tree import SKIP, Select, selection, skipped, vdot
 from jaxcl.methods.compose import Front, front
 from jaxcl.methods.consolidate import register_consolidator
+from jaxcl.methods.memory import remember_task
+from jaxcl.methods.protocol import Carry, Context, Hook, MethodSpecBase
 
 
 class AgemState(NamedTuple):
@@ -30,14 +33,6 @@ class OgdState(NamedTuple):
     non-zero ``basis[j]`` leaves are orthonormal. Skipped leaves hold zero-size arrays."""
 
     basis: tuple[optax.Params, ...]
-
-
-class GpmState(NamedTuple):
-    """Per selected kernel ``[..., in, out]`` an orthonormal basis ``[..., in, rank]`` of the
-    input-representation space of earlier tasks (unused columns are zero); ``threshold`` ε."""
-
-    basis: optax.Params
-    threshold: jax.Array
 
 
 class OLoraState(NamedTuple):
@@ -153,96 +148,6 @@ def _gram_schmidt_insert(d: jax.Array, column: list[jax.Array]) -> list[jax.Arra
     return [jnp.where(accept & (slot == j), unit.astype(b.dtype), b) for j, b in enumerate(column)]
 
 
-def gpm(threshold: float = 0.97, select: Select = kernels, max_rank: int | None = None) -> Front:
-    """Gradient projection memory (Saha et al., 2021), per layer.
-
-    For a selected kernel W ``[..., in, out]`` used as ``y = x W``, the gradient
-    ``∂L/∂W = Σ_t x_t δ_tᵀ`` lies in the span of the inputs x. GPM keeps an orthonormal basis U
-    of the inputs of earlier tasks and removes it from the gradient::
-
-        g ← (I − U Uᵀ) g
-
-    so outputs on those inputs do not change. At a task boundary, with the task's activation
-    covariance ``C = Σ_t x_t x_tᵀ`` (``gpm_covariance=``, see
-    :func:`jaxcl.methods.activation_covariance`), ``P = U Uᵀ``, total energy ``E = tr C`` and
-    captured energy ``E_U = tr(P C)``: the eigenvectors v_1, v_2, ... (eigenvalues
-    σ²_1 ≥ σ²_2 ≥ ...) of the residual ``(I − P) C (I − P)`` are appended in order while
-    ``E_U + Σ_{j<i} σ²_j < ε E`` (ε = ``threshold``), i.e. until the basis captures a fraction ε
-    of the task's representation energy. ``max_rank`` caps the columns (default ``in``).
-    Memory: ``in × max_rank`` per selected kernel (float32).
-    """
-    if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"gpm: threshold must lie in (0, 1], got {threshold}")
-
-    def init(params: optax.Params) -> GpmState:
-        flags = selection(select, params)
-
-        def one(p, f):
-            if not f:
-                return SKIP()
-            if p.ndim < 2:
-                raise ValueError("gpm: selected leaves must be kernels [..., in, out]")
-            rank = p.shape[-2] if max_rank is None else min(max_rank, p.shape[-2])
-            return jnp.zeros((*p.shape[:-1], rank), jnp.float32)
-
-        return GpmState(
-            basis=jax.tree.map(one, params, flags), threshold=jnp.asarray(threshold, jnp.float32)
-        )
-
-    def update(updates, state: GpmState, params=None, **extra_args):
-        del params, extra_args
-
-        def project(g, u):
-            if skipped(u):
-                return g
-            g32 = g.astype(jnp.float32)
-            return (g32 - u @ (jnp.swapaxes(u, -1, -2) @ g32)).astype(g.dtype)
-
-        return jax.tree.map(project, updates, state.basis), state
-
-    return front(init, update)
-
-
-def gpm_expand(basis: jax.Array, cov: jax.Array, threshold: jax.Array) -> jax.Array:
-    """One GPM basis update (see :func:`gpm`): ``basis [..., in, rank]``, ``cov [..., in, in]``."""
-    if basis.ndim > 2:
-        return jax.vmap(gpm_expand, in_axes=(0, 0, None))(basis, cov, threshold)
-    cov = cov.astype(jnp.float32)
-    eye = jnp.eye(cov.shape[0], dtype=jnp.float32)
-    residual_map = eye - basis @ basis.T
-    total = jnp.trace(cov)
-    captured = jnp.trace(basis.T @ cov @ basis)
-    eigval, eigvec = jnp.linalg.eigh(residual_map @ cov @ residual_map)
-    eigval, eigvec = jnp.maximum(eigval[::-1], 0.0), eigvec[:, ::-1]
-    before = captured + jnp.cumsum(eigval) - eigval
-    include = (before < threshold * total) & (eigval > 1e-7 * jnp.maximum(total, 1e-30))
-    free = jnp.sum(basis * basis, axis=0) < 0.5
-    # the m-th included eigenvector goes to the m-th free column (beyond capacity: dropped)
-    rank_in = jnp.cumsum(include) - 1
-    rank_free = jnp.cumsum(free) - 1
-    place = include[:, None] & free[None, :] & (rank_in[:, None] == rank_free[None, :])
-    return basis + eigvec @ place.astype(jnp.float32)
-
-
-def _refresh_gpm(state: GpmState, *, params, gpm_covariance, **_) -> GpmState:
-    del params
-    missing = []
-
-    def refresh(path, u):
-        if skipped(u):
-            return u
-        name = path_str(path)
-        if name not in gpm_covariance:
-            missing.append(name)
-            return u
-        return gpm_expand(u, gpm_covariance[name], state.threshold)
-
-    basis = jax.tree_util.tree_map_with_path(refresh, state.basis, is_leaf=is_skip)
-    if missing:
-        raise ValueError(f"gpm: no activation covariance for {', '.join(missing)}")
-    return GpmState(basis=basis, threshold=state.threshold)
-
-
 LoraLayout = Literal["in_r", "r_in"]
 
 
@@ -338,5 +243,52 @@ def _refresh_o_lora(state: OLoraState, *, params, **_) -> OLoraState:
 
 
 register_consolidator(OgdState, "ogd", _refresh_ogd, requires=("ogd_grads",))
-register_consolidator(GpmState, "gpm", _refresh_gpm, requires=("gpm_covariance",))
 register_consolidator(OLoraState, "o_lora", _refresh_o_lora)
+
+
+# ----------------------------------------------------------------------------- recipe entries
+
+
+class AgemSpec(MethodSpecBase):
+    name: Literal["agem"]
+    per_task: int = Field(256, ge=1, description="examples kept from each finished task")
+
+    def transform(self, **_: Any) -> optax.GradientTransformationExtraArgs:
+        return agem()
+
+    def new_memory(self, *, seed: int, n_tasks: int) -> Any:
+        return ReplayBuffer(self.per_task * n_tasks, quota="equal", seed=seed)
+
+    def hooks(self) -> list[Hook]:
+        return [Hook("memory", remember_task, "agem")]
+
+    @property
+    def needs_memory_grads(self) -> bool:
+        return True
+
+
+class OgdSpec(MethodSpecBase):
+    name: Literal["ogd"]
+    describes_weights: ClassVar[bool] = True
+    max_directions: int = Field(16, ge=1, description="basis size per leaf (parameter buffers)")
+    grads_per_task: int = Field(4, ge=1, description="batch gradients stored per finished task")
+    include: str | None = Field(None, description="regex of the leaves to protect (all if unset)")
+
+    def transform(self, **_: Any) -> optax.GradientTransformationExtraArgs:
+        return ogd(self.max_directions, select=self.include)
+
+    def estimates(self, ctx: Context, carry: Carry) -> dict[str, Any]:
+        grad = jax.jit(jax.grad(ctx.loss_fn))
+        params = ctx.trainable(carry)
+        return {"ogd_grads": [grad(params, b) for b in ctx.batches(self.grads_per_task)]}
+
+
+class OLoraSpec(MethodSpecBase):
+    name: Literal["o_lora"]
+    lam: float = Field(0.5, ge=0)
+    include: str = Field(r"(?i)lora.*/a$|lora_?a$", description="regex of the LoRA A leaves")
+    max_tasks: int = Field(8, ge=1)
+    layout: Literal["in_r", "r_in"] = "in_r"
+
+    def transform(self, **_: Any) -> optax.GradientTransformationExtraArgs:
+        return o_lora(self.lam, self.include, max_tasks=self.max_tasks, layout=self.layout)

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from pydantic import Field
 
 from jaxcl.methods._tree import require_params
-from jaxcl.methods.compose import Behind, Front, behind, front
+from jaxcl.methods.compose import Behind, Front, Position, behind, front
 from jaxcl.methods.consolidate import register_consolidator
+from jaxcl.methods.importance import fisher_diagonal, mas_importance
+from jaxcl.methods.protocol import Carry, Context, MethodSpecBase, output_fn
 
 
 class EwcState(NamedTuple):
@@ -320,3 +323,78 @@ register_consolidator(MasState, "mas", _refresh_mas, requires=("mas_importance",
 register_consolidator(L2AnchorState, "l2_anchor", _refresh_l2)
 register_consolidator(SiState, "si", _refresh_si)
 register_consolidator(RecAdamState, "recadam", _refresh_recadam)
+
+
+# ----------------------------------------------------------------------------- recipe entries
+
+
+class EwcSpec(MethodSpecBase):
+    name: Literal["ewc"]
+    describes_weights: ClassVar[bool] = True
+    lam: float = Field(100.0, ge=0)
+    decay: float = Field(1.0, ge=0, le=1)
+    fisher_batches: int = Field(8, ge=1, description="batches of the task for the Fisher")
+
+    def transform(self, **_: Any) -> optax.GradientTransformationExtraArgs:
+        return ewc(self.lam, decay=self.decay)
+
+    def estimates(self, ctx: Context, carry: Carry) -> dict[str, Any]:
+        batches = ctx.batches(self.fisher_batches)
+        return {"fisher": fisher_diagonal(ctx.loss_fn, ctx.trainable(carry), batches)}
+
+
+class L2AnchorSpec(MethodSpecBase):
+    name: Literal["l2_anchor"]
+    describes_weights: ClassVar[bool] = True
+    lam: float = Field(1.0, ge=0)
+
+    def transform(self, **_: Any) -> optax.GradientTransformationExtraArgs:
+        return l2_anchor(self.lam)
+
+
+class MasSpec(MethodSpecBase):
+    name: Literal["mas"]
+    describes_weights: ClassVar[bool] = True
+    lam: float = Field(1.0, ge=0)
+    decay: float = Field(1.0, ge=0, le=1)
+    importance_batches: int = Field(8, ge=1, description="batches of the task for Ω")
+
+    def transform(self, **_: Any) -> optax.GradientTransformationExtraArgs:
+        return mas(self.lam, decay=self.decay)
+
+    def estimates(self, ctx: Context, carry: Carry) -> dict[str, Any]:
+        batches = ctx.batches(self.importance_batches)
+        return {"mas_importance": mas_importance(output_fn(ctx), ctx.trainable(carry), batches)}
+
+
+class SiSpec(MethodSpecBase):
+    name: Literal["si"]
+    describes_weights: ClassVar[bool] = True
+    lam: float = Field(1.0, ge=0)
+    damping: float = Field(1e-3, gt=0, description="ξ in Ω += w / (Δ² + ξ)")
+
+    def transform(self, **_: Any) -> optax.GradientTransformationExtraArgs:
+        return si(self.lam, damping=self.damping)
+
+
+class RecAdamSpec(MethodSpecBase):
+    name: Literal["recadam"]
+    position: ClassVar[Position] = "behind"
+    describes_weights: ClassVar[bool] = True
+    coef: float = Field(100.0, ge=0, description="γ of the quadratic recall term")
+    schedule: Literal["sigmoid", "linear", "constant"] = "sigmoid"
+    k: float = Field(0.5, gt=0, description="sigmoid steepness")
+    t0: float = Field(250.0, ge=0, description="sigmoid midpoint / linear ramp length, in steps")
+    value: float = Field(0.5, ge=0, le=1, description="λ of the constant schedule")
+
+    def transform(
+        self, *, learning_rate: optax.ScalarOrSchedule | None = None, **_: Any
+    ) -> optax.GradientTransformationExtraArgs:
+        if learning_rate is None:
+            raise ValueError(
+                "recadam applies its recall term outside Adam and needs the base learning rate: "
+                "the trainer must call transform(learning_rate=schedule)"
+            )
+        return recadam(
+            learning_rate, self.coef, schedule=self.schedule, k=self.k, t0=self.t0, value=self.value
+        )
