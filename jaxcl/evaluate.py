@@ -25,14 +25,14 @@ def evaluate(recipe: Recipe, checkpoint_dir: str | Path, console: Console | None
             f"{path} is not a jaxcl checkpoint (expected OUT/checkpoints/<stage>/<step> "
             "holding params/)"
         )
-    ctx, like = make_context(recipe, console)
-    del like
+    run, _ = make_context(recipe, console)
+    ctx = run.plain
     params = ctx.restore_model(path)
     out: dict[str, Any] = {"checkpoint": str(path), "stages": {}}
     for stage in recipe.stages:
         scores = {}
         for task in task_data(ctx, stage):
-            scores[task.name] = task.eval.on_devices(ctx.put_batch).score(ctx, params)
+            scores[task.name] = task.eval.on_devices(ctx.put_batch).score(ctx.model_scorer, params)
         out["stages"][stage.name] = {
             "metric": stage.metric,
             "task_metrics": dict(zip([t.name for t in stage.tasks], stage.task_metrics)),

@@ -29,6 +29,11 @@ def stage_markdown(stage: dict[str, Any]) -> str:
     ]
     for name, row in zip(tasks, stage["R"]):
         lines.append(f"| {name} | " + " | ".join(_fmt(v, metric) for v in row) + " |")
+    if stage.get("metrics_scale") == "log":
+        lines += [
+            "",
+            "CL metrics of perplexity tasks on ln(perplexity): BWT and forgetting in nats.",
+        ]
     lines += ["", "| " + " | ".join(stage["metrics"]) + " | seconds |"]
     lines.append("|---" * (len(stage["metrics"]) + 1) + "|")
     values = [_fmt(v, "") for v in stage["metrics"].values()]

@@ -39,7 +39,7 @@ def micro():
     graphdef, params, _, tokenizer = ModelSpec(preset="test-micro").build(0)
     apply = jax.jit(make_apply(graphdef))
     ctx = SimpleNamespace(
-        graphdef=graphdef, tokenizer=tokenizer, scorer=make_batch_scorer(apply), apply=apply
+        graphdef=graphdef, tokenizer=tokenizer, batch=make_batch_scorer(apply), apply=apply
     )
     return ctx, params
 
@@ -347,7 +347,7 @@ from jaxcl.train.step import make_apply
 
 graphdef, params, names, tok = ModelSpec(preset="test-micro").build(0)
 scorer = make_batch_scorer(make_apply(graphdef))
-ctx = SimpleNamespace(graphdef=graphdef, tokenizer=tok, scorer=scorer)
+ctx = SimpleNamespace(graphdef=graphdef, tokenizer=tok, batch=scorer)
 mc = [{"prompt": f"Q{i}?", "choices": [" yes", " no", " maybe"][: 2 + i % 2]} for i in range(6)]
 for e in mc:
     e["response"] = e["choices"][-1]

@@ -13,6 +13,11 @@
 For a metric where lower is better (perplexity) pass ``higher_is_better=False``: every
 difference is negated, so a negative ``bwt`` and a positive ``forgetting`` still mean forgetting.
 Undefined entries (a single task has no backward transfer) are ``None``.
+
+Perplexity is compared on its log scale (:func:`metric_scale`): ``ln ppl`` is the mean token
+negative log-likelihood, so a perplexity task's BWT and forgetting read in **nats** per token
+(a rise from 1.24 to 572 is 6.13 nats), not in raw perplexity differences, which grow without
+bound and let one task dominate a mean.
 """
 
 from __future__ import annotations
@@ -20,6 +25,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
+
+def metric_scale(R: Sequence[Sequence[float]], metrics: Sequence[str]) -> np.ndarray:
+    """``R`` on the scale its CL metrics are taken on: ``ln`` of each perplexity column (nats
+    per token), every other column as it is. ``metrics[i]`` names column ``i``'s metric."""
+    r = np.asarray(R, dtype=np.float64)
+    logged = np.array([m == "perplexity" for m in metrics], bool)
+    return np.where(logged, np.log(np.maximum(r, 1e-300)), r) if logged.any() else r
 
 
 def cl_metrics(

@@ -44,12 +44,23 @@ GENERATED = ("rouge_l",)  # built-in metrics scored on generations (besides cust
 CHOICE = ("multiple_choice", "multiple_choice_norm")
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelScorer:
+    """What scoring a task needs of the model: ``batch`` (:func:`jaxcl.eval.make_batch_scorer` of
+    its apply function, for teacher-forced metrics), its ``graphdef`` and ``tokenizer`` (for
+    generated ones)."""
+
+    batch: Callable[..., Any]
+    graphdef: Any
+    tokenizer: Any
+
+
 class TaskEval(Protocol):
     metric: str
 
     def on_devices(self, put_batch: Callable[[dict], dict]) -> TaskEval: ...
 
-    def score(self, ctx: Any, params: Any) -> float: ...
+    def score(self, scorer: ModelScorer, params: Any) -> float: ...
 
 
 @dataclasses.dataclass
@@ -62,8 +73,8 @@ class TeacherForced:
     def on_devices(self, put_batch) -> TeacherForced:
         return dataclasses.replace(self, batches=[put_batch(b) for b in self.batches])
 
-    def score(self, ctx, params) -> float:
-        return score_task(ctx.scorer, params, self.batches, self.metric)
+    def score(self, scorer: ModelScorer, params) -> float:
+        return score_task(scorer.batch, params, self.batches, self.metric)
 
 
 @dataclasses.dataclass
@@ -84,14 +95,14 @@ class MultipleChoice:
     def on_devices(self, put_batch) -> MultipleChoice:
         return dataclasses.replace(self, batches=[put_batch(b) for b in self.batches])
 
-    def loglikelihoods(self, ctx, params) -> np.ndarray:
+    def loglikelihoods(self, scorer: ModelScorer, params) -> np.ndarray:
         """Summed log-likelihood of every row's choice tokens given its prompt."""
-        nll, _, _ = _rows(ctx.scorer, params, self.batches, "tokens", "loss_mask")
+        nll, _, _ = _rows(scorer.batch, params, self.batches, "tokens", "loss_mask")
         return -nll.astype(np.float64)
 
-    def score(self, ctx, params) -> float:
+    def score(self, scorer: ModelScorer, params) -> float:
         return choice_accuracy(
-            self.loglikelihoods(ctx, params), self.offsets, self.answers, self.divisors
+            self.loglikelihoods(scorer, params), self.offsets, self.answers, self.divisors
         )
 
 
@@ -121,20 +132,20 @@ class Generated:
     def on_devices(self, put_batch) -> Generated:
         return self  # prompts are placed per generation batch
 
-    def predictions(self, ctx, params) -> list[str]:
+    def predictions(self, scorer: ModelScorer, params) -> list[str]:
         return greedy_texts(
-            ctx.graphdef,
+            scorer.graphdef,
             params,
-            ctx.tokenizer,
+            scorer.tokenizer,
             self.prompts,
             max_new_tokens=self.max_new_tokens,
             batch_size=self.batch_size,
             seq_len=self.seq_len,
         )
 
-    def score(self, ctx, params) -> float:
+    def score(self, scorer: ModelScorer, params) -> float:
         return score_strings(
-            self.metric, self.predictions(ctx, params), self.references, prompts=self.texts
+            self.metric, self.predictions(scorer, params), self.references, prompts=self.texts
         )
 
 
@@ -195,9 +206,35 @@ def greedy_texts(
     batch_size: int,
     seq_len: int | None = None,
 ) -> list[str]:
-    """Greedy continuations of ``prompts`` (token ids), decoded up to the first stop token (the
-    model's eos ids and the tokenizer's), special tokens skipped, in batches of ``batch_size``
-    (the last one padded, so every batch compiles alike)."""
+    """Greedy continuations of ``prompts`` (token ids): :func:`continuations` at temperature 0."""
+    return continuations(
+        graphdef,
+        params,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        seq_len=seq_len,
+    )
+
+
+def continuations(
+    graphdef: Any,
+    params: Any,
+    tokenizer: Any,
+    prompts: Sequence[list[int]],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    seq_len: int | None = None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    seed: int = 0,
+) -> list[str]:
+    """Continuations of ``prompts`` (token ids), decoded up to the first stop token (the model's
+    eos ids and the tokenizer's), special tokens skipped, in batches of ``batch_size`` (the last
+    one padded, so every batch compiles alike); greedy at ``temperature`` 0, else sampled (top-k
+    when ``top_k > 0``) with batch ``j`` drawing from ``seed + j``."""
     from flax import nnx
 
     from jaxcl.models.generate import generate
@@ -217,12 +254,19 @@ def greedy_texts(
     known = tokenizer_size(tokenizer)
     rows = [_keep_tail(list(p), limit, bos) for p in prompts]
     texts: list[str] = []
-    for start in range(0, len(rows), batch_size):
+    for j, start in enumerate(range(0, len(rows), batch_size)):
         chunk = rows[start : start + batch_size]
         n = len(chunk)
         chunk = chunk + [chunk[-1]] * (batch_size - n)
         out = generate(
-            model, chunk, max_new_tokens=max_new_tokens, stop_tokens=stops, pad_token_id=pad
+            model,
+            chunk,
+            max_new_tokens=max_new_tokens,
+            stop_tokens=stops,
+            pad_token_id=pad,
+            temperature=temperature,
+            top_k=top_k,
+            seed=seed + j,
         )
         for row in parallel.to_host(out)[:n].tolist():
             end = next((k for k, t in enumerate(row) if t in stops), len(row))

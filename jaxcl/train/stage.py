@@ -23,18 +23,30 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from jaxcl import checkpoint, parallel
 from jaxcl.data import batched_stream, encode_all
 from jaxcl.data.replay import ReplayBuffer
-from jaxcl.eval import HIGHER_IS_BETTER, cl_metrics
-from jaxcl.eval.tasks import task_eval
+from jaxcl.data.tokenize import special_ids, token_ids
+from jaxcl.eval import HIGHER_IS_BETTER, cl_metrics, metric_scale
+from jaxcl.eval.tasks import continuations, task_eval
 from jaxcl.methods import consolidate
-from jaxcl.methods.specs import Boundary
+from jaxcl.methods.protocol import (
+    END_PHASES,
+    Carry,
+    Context,
+    EvalView,
+    Hook,
+    TaskInfo,
+    compose_views,
+    run_hooks,
+    run_step_hooks,
+)
 from jaxcl.objectives.reference import (
     annotate_reference_logps,
     make_pair_logps_fn,
     resolve_checkpoint,
 )
 from jaxcl.objectives.spec import stage_objective
-from jaxcl.recipe import StageSpec
-from jaxcl.train.optim import build_chain, restart_moments
+from jaxcl.recipe import STAGE_DATA_KIND, StageSpec
+from jaxcl.train.features import adapter_hooks, initial_frozen, objective_hooks, optimizer_hooks
+from jaxcl.train.optim import build_chain
 from jaxcl.train.step import TrainState, make_train_step, state_shardings_for
 
 
@@ -64,16 +76,34 @@ class Cursor:
 
 @dataclass
 class StageProgram:
-    """Everything compiled once per stage: chain, objective, the jitted step, the state's
-    shardings, and what the methods need kept (examples per finished task)."""
+    """Everything built once per stage: chain, objective, the jitted step, the state's shardings,
+    and the plan its methods and features declared (:mod:`jaxcl.methods.protocol`): hooks in
+    recipe order, the eval view, the memory's owner and its replay share."""
 
     tx: Any
     objective: Any
     step_fn: Any
     memory_grads: bool
     shardings: Any
-    memory_per_task: int
     model: Any  # jaxcl.train.adapters.StageModel: which parameters the step trains
+    hooks: list[Hook]
+    view: EvalView | None
+    methods: list[Any]  # the stage's method specs (their estimates run at every task end)
+
+    def new_memory(self, seed: int, n_tasks: int) -> ReplayBuffer | None:
+        """The memory of finished tasks the first method that keeps one declares."""
+        for method in self.methods:
+            memory = method.new_memory(seed=seed, n_tasks=n_tasks)
+            if memory is not None:
+                return memory
+        return None
+
+    def replay_ratio(self) -> Any:
+        """The share of each batch drawn from the memory (its owner's)."""
+        for method in self.methods:
+            if method.new_memory(seed=0, n_tasks=1) is not None:
+                return method.replay_ratio()
+        return 0.0
 
 
 def compile_stage(ctx, stage: StageSpec, params, total_steps: int) -> StageProgram:
@@ -95,14 +125,24 @@ def compile_stage(ctx, stage: StageSpec, params, total_steps: int) -> StageProgr
         accum_steps=stage.grad_accum,
         partition=(model.split, model.join) if model.lora is not None else None,
     )
+    optimizer = ctx.recipe.stage_optimizer(stage)
+    hooks = [
+        *objective_hooks(objective),
+        *adapter_hooks(model),
+        *optimizer_hooks(optimizer.moments),
+        *compiled.hooks,
+    ]
+    views = [v for v in (m.eval_view() for m in stage.methods) if v is not None]
     return StageProgram(
         tx,
         objective,
         step_fn,
         compiled.needs_memory_grads,
         shardings,
-        compiled.memory_per_task,
         model,
+        hooks,
+        compose_views(views),
+        list(stage.methods),
     )
 
 
@@ -112,10 +152,6 @@ def init_state(program: StageProgram, params) -> TrainState:
         out_shardings=program.shardings,
     )
     return init(params)
-
-
-def _copy(tree):
-    return jax.tree.map(lambda x: x.copy(), tree)
 
 
 def task_data(ctx, stage: StageSpec) -> list[TaskData]:
@@ -145,14 +181,32 @@ def task_data(ctx, stage: StageSpec) -> list[TaskData]:
 
 
 def new_buffer(ctx, stage: StageSpec, program: StageProgram) -> ReplayBuffer | None:
-    """The stage's memory of finished tasks: replay's buffer, or A-GEM's episodic memory."""
-    replay = stage.method("replay")
-    if replay is not None:
-        return ReplayBuffer(replay.capacity, quota=replay.quota, seed=ctx.recipe.seed)
-    if program.memory_per_task:
-        capacity = program.memory_per_task * len(stage.tasks)
-        return ReplayBuffer(capacity, quota="equal", seed=ctx.recipe.seed)
-    return None
+    """The stage's memory of finished tasks, as its methods declare it (or None)."""
+    return program.new_memory(ctx.recipe.seed, len(stage.tasks))
+
+
+def _generate_tool(ctx, stage: StageSpec) -> Any:
+    """``generate(params, prompts, *, max_new_tokens, temperature=1.0, top_k=0, seed=0)``:
+    continuations of text prompts by the stage's model (for pseudo-replay and other hooks)."""
+    bos, _, _ = special_ids(ctx.tokenizer)
+    head = [bos] if bos is not None else []
+
+    def generate(params, prompts, *, max_new_tokens, temperature=1.0, top_k=0, seed=0):
+        ids = [head + row for row in token_ids(ctx.tokenizer, list(prompts))]
+        return continuations(
+            ctx.graphdef,
+            params,
+            ctx.tokenizer,
+            ids,
+            max_new_tokens=max_new_tokens,
+            batch_size=stage.eval_batch_size,
+            seq_len=stage.seq_len,
+            temperature=temperature,
+            top_k=top_k,
+            seed=seed,
+        )
+
+    return generate
 
 
 @dataclass
@@ -249,40 +303,91 @@ class StageRun:
             put_batch=self.ctx.put_batch,
         )
 
+    @property
+    def carry(self) -> Carry:
+        return Carry(self.cursor.state, self.cursor.frozen, self.cursor.buffer)
+
+    @carry.setter
+    def carry(self, carry: Carry) -> None:
+        self.cursor.state, self.cursor.frozen, self.cursor.buffer = carry
+
+    def seed(self, t: int) -> int:
+        return self.ctx.recipe.seed * 1_000_003 + t
+
+    def context(self, t: int) -> Context:
+        """What task ``t``'s hooks and estimators see (:class:`jaxcl.methods.protocol.Context`):
+        the objective and model on the trainable part, the task's own batches, the tools."""
+        ctx, stage, task, model = self.ctx, self.stage, self.tasks[t], self.program.model
+        loss = self.program.objective.scalar(self.step_frozen)
+        fixed = lambda: model.split(self.cursor.state.params)[1]  # noqa: E731
+
+        def own_batches(n: int):
+            stream = batched_stream(
+                self.annotate(task.train),
+                batch_size=stage.batch_size,
+                num_batches=n,
+                seed=self.seed(t) + 700_001,
+            )
+            return (ctx.put_batch(stream[i]) for i in range(n))
+
+        info = TaskInfo(
+            t,
+            task.name,
+            stage.steps_per_task,
+            task.train,
+            task.instructions,
+            tuple(x.name for x in self.tasks),
+        )
+        kind = STAGE_DATA_KIND[stage.kind]
+        tools = {
+            "generate": _generate_tool(ctx, stage),
+            "tokenizer": ctx.tokenizer,
+            "encode": lambda rows: encode_all(rows, kind, ctx.tokenizer, stage.seq_len),
+            "kind": stage.kind,
+            "seq_len": stage.seq_len,
+            "seed": ctx.recipe.seed,
+        }
+        return Context(
+            info,
+            lambda p, batch: loss(model.join(p, fixed()), batch),
+            lambda p, inputs: ctx.apply(model.join(p, fixed()), inputs),
+            model.split,
+            model.join,
+            own_batches,
+            tools,
+        )
+
     def streams(self, t: int):
-        """Task ``t``'s batches (replay mixed in) and, for A-GEM, its memory batches."""
-        recipe, stage, buffer = self.ctx.recipe, self.stage, self.cursor.buffer
-        task = self.tasks[t]
-        if buffer is not None and buffer.quota == "inscl" and len(buffer):
-            buffer.set_upcoming(task.instructions)
+        """Task ``t``'s batches (the memory mixed in) and, for A-GEM, its memory batches."""
+        stage, buffer, program = self.stage, self.cursor.buffer, self.program
         pool = self.annotate(buffer.examples() if buffer is not None else [])
-        replay = stage.method("replay")
-        seed = recipe.seed * 1_000_003 + t
         stream = batched_stream(
-            self.annotate(task.train),
+            self.annotate(self.tasks[t].train),
             batch_size=stage.batch_size,
             num_batches=stage.steps_per_task,
-            seed=seed,
+            seed=self.seed(t),
             replay=pool,
-            replay_ratio=replay.replay_ratio() if replay else 0.0,
+            replay_ratio=program.replay_ratio(),
         )
         memory = None
-        if self.program.memory_grads and pool:
+        if program.memory_grads and pool:
             memory = batched_stream(
                 pool,
                 batch_size=stage.batch_size,
                 num_batches=stage.steps_per_task,
-                seed=seed + 500_009,
+                seed=self.seed(t) + 500_009,
             )
         return stream, memory
 
-    def train_task(self, t: int, first: int, progress, bar) -> Any:
-        """Steps ``first..steps_per_task-1`` of task ``t``; returns the task's batch stream."""
+    def train_task(self, t: int, first: int, progress, bar) -> None:
+        """Steps ``first..steps_per_task-1`` of task ``t``, its task-start hooks first (on a
+        fresh start of the task) and its step hooks after each step."""
         stage, recipe, cursor, program = self.stage, self.ctx.recipe, self.cursor, self.program
         task = self.tasks[t]
-        needs = program.objective.frozen + program.objective.precompute
-        if "task_start" in needs and first == 0:
-            cursor.frozen["task_start"] = _copy(cursor.state.params)
+        ctx = self.context(t)
+        if first == 0:
+            self.carry = run_hooks(program.hooks, "task_start", ctx, self.carry)
+        stepped = any(h.phase == "step" for h in program.hooks)
         stream, memory = self.streams(t)
         pending = None  # the previous step's metrics, checked one step behind (no stall)
         for k in range(first, stage.steps_per_task):
@@ -292,6 +397,8 @@ class StageRun:
                 # Before any memory exists, the current batch stands in (g·g_ref ≥ 0).
                 mem = self.ctx.put_batch(memory[k]) if memory is not None else batch
             cursor.state, metrics = program.step_fn(cursor.state, batch, self.step_frozen, mem)
+            if stepped:
+                self.carry = run_step_hooks(program.hooks, k, ctx, self.carry)
             self.speed.steps += 1
             _check_finite(pending, stage, task, self.parent)
             pending = (k, metrics)
@@ -305,7 +412,6 @@ class StageRun:
                 _check_finite(pending, stage, task, self.parent)
                 self.save(t, k + 1, done=False)
         _check_finite(pending, stage, task, self.parent)
-        return stream
 
     def log_metrics(self, task: TaskData, metrics, progress, bar) -> None:
         entry = {key: float(parallel.to_host(v)) for key, v in metrics.items()}
@@ -319,20 +425,21 @@ class StageRun:
                     self.events.add_scalar(f"{self.stage.name}/{key}", value, entry["step"])
         progress.update(bar, loss=f"{entry['loss']:.3f}")
 
-    def end_task(self, t: int, stream, score) -> None:
-        """Score every task, refresh the CL state, remember the task, checkpoint."""
-        cursor, task = self.cursor, self.tasks[t]
-        cursor.record["R"].append(score(cursor.state.params))
-        loss = self.program.objective.scalar(self.step_frozen)
-        cursor.state = _task_boundary(self.ctx, self.stage, cursor.state, stream, loss)
-        lora = self.program.model.lora
-        if lora is not None and lora.per_task:  # fold the finished adapter, draw the next one
-            params = self.program.model.renew(cursor.state.params, t + 1)
-            cursor.state = cursor.state._replace(params=params)
-        if self.ctx.recipe.stage_optimizer(self.stage).moments == "task":
-            cursor.state = cursor.state._replace(opt_state=restart_moments(cursor.state.opt_state))
-        if cursor.buffer is not None:
-            cursor.buffer.add_task(task.name, task.train, instructions=task.instructions)
+    def end_task(self, t: int, score) -> None:
+        """Score every task (each on its eval view), then the boundary in its fixed order:
+        estimates of every method → one consolidate → fold → renew → memory → merge →
+        checkpoint (:mod:`jaxcl.methods.protocol`)."""
+        cursor, program = self.cursor, self.program
+        cursor.record["R"].append(score(self.carry, program.view))
+        ctx = self.context(t)
+        estimates: dict[str, Any] = {}
+        for method in program.methods:
+            estimates.update(method.estimates(ctx, self.carry))
+        trainable = ctx.trainable(self.carry)
+        opt_state = consolidate(cursor.state.opt_state, params=trainable, **estimates)
+        cursor.state = cursor.state._replace(opt_state=opt_state)
+        for phase in END_PHASES:
+            self.carry = run_hooks(program.hooks, phase, ctx, self.carry)
         stage_dir = self.ctx.out / "checkpoints" / self.stage.name
         step = int(cursor.state.step)
         superseded = [
@@ -340,8 +447,9 @@ class StageRun:
             for s in checkpoint.all_steps(stage_dir)
             if step - self.stage.steps_per_task < s < step
         ]
-        if t == len(self.tasks) - 1:  # the stage's end: probes go into its final checkpoint
+        if t == len(self.tasks) - 1:  # the stage's end: probes and digest in its final manifest
             cursor.record["probes_after"] = self.ctx.probe(cursor.state.params)
+            cursor.record["final_params_sha256"] = checkpoint.params_digest(cursor.state.params)
         self.save(t, self.stage.steps_per_task, done=True)
         checkpoint.delete_steps(stage_dir, superseded)  # mid-task saves, now redundant
 
@@ -380,7 +488,7 @@ class StageRun:
         self.parent = str(path)
 
 
-def stage_result(stage: StageSpec, record: dict, checkpoint_path: str, params) -> dict[str, Any]:
+def stage_result(stage: StageSpec, record: dict, checkpoint_path: str) -> dict[str, Any]:
     """A finished stage's entry of ``results.json``."""
     return {
         "name": stage.name,
@@ -390,63 +498,117 @@ def stage_result(stage: StageSpec, record: dict, checkpoint_path: str, params) -
         "tasks": [t.name for t in stage.tasks],
         "R": record["R"],
         "baseline": record["baseline"],
+        # perplexity columns on their log scale: BWT and forgetting in nats per token
         "metrics": cl_metrics(
-            record["R"], record["baseline"], higher_is_better=HIGHER_IS_BETTER[stage.metric]
+            metric_scale(record["R"], stage.task_metrics),
+            metric_scale([record["baseline"]], stage.task_metrics)[0],
+            higher_is_better=HIGHER_IS_BETTER[stage.metric],
         ),
+        "metrics_scale": "log" if "perplexity" in stage.task_metrics else "linear",
         "losses": record["losses"],
         "checkpoint": checkpoint_path,
         "start_params_sha256": record["start_params_sha256"],
-        "final_params_sha256": checkpoint.params_digest(params),
+        "final_params_sha256": record["final_params_sha256"],
         "probes_before": record.get("probes_before"),
         "probes_after": record.get("probes_after"),
         "seconds": record["seconds"],
     }
 
 
-def run_stage(
-    ctx, stage: StageSpec, params, parent: str | None, cursor: Cursor | None = None
-) -> tuple[Any, dict]:
-    """Train ``stage`` from ``params`` (or from ``cursor``); returns final params and results."""
-    cursor = cursor or Cursor()
-    if cursor.state is not None:
-        params = cursor.state.params
+def warn_unreadable(console: Console, path, err: Exception) -> None:
+    console.print(
+        f"[yellow]warning[/]: checkpoint {path} cannot be restored "
+        f"({type(err).__name__}: {str(err)[:200]}); falling back to the previous one"
+    )
+
+
+def restore_cursor(ctx, stage: StageSpec, program: StageProgram, step_dir) -> Cursor:
+    """Where a stage's checkpoint ``step_dir`` stands: the next task and step, the state, the
+    frozen trees, the memory and the partial record, shaped and sharded as ``program`` trains."""
+    like = program.model.like(ctx.run.plain_like)
+    abstract = jax.eval_shape(program.tx.init, program.model.split(like)[0])
+    opt_like = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract,
+        program.shardings.opt_state,
+    )
+    stage_dir, step = step_dir.parent, int(step_dir.name)
+    params, opt_state, frozen, replay, manifest = checkpoint.restore_checkpoint(
+        stage_dir, step, like, opt_like
+    )
+    done = manifest["task_done"]
+    if manifest.get("replay"):
+        buffer = ReplayBuffer.from_state({"meta": manifest["replay"], "arrays": replay})
+    else:  # nothing was stored yet
+        buffer = new_buffer(ctx, stage, program)
+    step_array = jax.device_put(np.int32(manifest["step"]), parallel.replicated(ctx.mesh))
+    return Cursor(
+        task=manifest["task_index"] + (1 if done else 0),
+        task_step=0 if done else manifest["task_step"],
+        state=TrainState(step_array, params, opt_state),
+        frozen=frozen,
+        record=manifest["record"],
+        buffer=buffer,
+    )
+
+
+def _resume(ctx, stage: StageSpec, program: StageProgram, candidates) -> tuple[Cursor, str] | None:
+    """The newest of ``candidates`` (step folders) that restores, with its path."""
+    for path in candidates:
+        try:
+            return restore_cursor(ctx, stage, program, path), str(path)
+        except Exception as err:  # a corrupted or half-readable checkpoint: use an older one
+            warn_unreadable(ctx.console, path, err)
+    return None
+
+
+def run_stage(ctx, stage: StageSpec, params, parent: str | None, candidates=()) -> dict[str, Any]:
+    """Train ``stage`` from ``params`` (plain parameters), or resume it from the newest of its
+    ``candidates`` checkpoints that restores; returns its entry of ``results.json``."""
+    total_steps = stage.steps_per_task * len(stage.tasks)
+    like = ctx.model.like(ctx.run.plain_like)
+    program = compile_stage(ctx, stage, like, total_steps)
+    resumed = _resume(ctx, stage, program, candidates)
+    if resumed is not None:
+        cursor, parent = resumed
     else:
+        cursor = Cursor()
+        if params is None:
+            params = ctx.restore_model(parent)
         start_digest = checkpoint.params_digest(params)  # the plain model the stage starts from
         params = ctx.model.attach(params)
     tasks = task_data(ctx, stage)
     eval_sets = [t.eval.on_devices(ctx.put_batch) for t in tasks]  # each task by its metric
-    total_steps = stage.steps_per_task * len(tasks)
-    program = compile_stage(ctx, stage, params, total_steps)
 
-    def score(p) -> list[float]:
-        return [evaluation.score(ctx, p) for evaluation in eval_sets]
+    def score(carry: Carry | None, view: EvalView | None = None) -> list[float]:
+        """Every task's score; task ``i`` on ``view(params, carry, i)`` when a method declares
+        a view (PackNet's masks, an EMA), else on the parameters as they are."""
+        params = carry.state.params if carry is not None else None
+        return [
+            evaluation.score(ctx.model_scorer, view(params, carry, i) if view else params)
+            for i, evaluation in enumerate(eval_sets)
+        ]
 
     if cursor.state is None:
         cursor.state = init_state(program, params)
-        # Frozen trees are separate, never-donated copies: DPO's reference is the stage's start
-        # (or a named checkpoint).
-        objective = program.objective
-        if "reference" in objective.frozen + objective.precompute:
-            ref = objective.reference_checkpoint
-            if ref:
-                stage_dir, step = resolve_checkpoint(ref)
-                cursor.frozen["reference"] = ctx.model.attach(
-                    ctx.restore_model(stage_dir / str(step))
-                )
-            else:
-                cursor.frozen["reference"] = _copy(params)
+        # Frozen trees are separate, never-donated copies.
+        cursor.frozen = initial_frozen(
+            program.objective,
+            params,
+            lambda ref: ctx.model.attach(ctx.restore_model(_step_dir(ref))),
+        )
         cursor.buffer = new_buffer(ctx, stage, program)
         cursor.record = {
             "probes_before": ctx.probe(params),
             "start_params_sha256": start_digest,
-            "baseline": score(params),
+            "baseline": score(Carry(cursor.state, cursor.frozen, cursor.buffer)),
             "R": [],
             "losses": [],
             "seconds": 0.0,
         }
     run = StageRun(ctx, stage, program, tasks, cursor, parent)
     run.started = time.perf_counter() - cursor.record["seconds"]
-    run.speed = _throughput(ctx, stage, params)
+    run.speed = _throughput(ctx, stage, like)
     start_task, start_step = cursor.task, cursor.task_step
     with (
         _progress(ctx.console) as progress,
@@ -456,11 +618,10 @@ def run_stage(
         bar = progress.add_task(stage.name, total=total_steps, loss="-")
         progress.advance(bar, start_task * stage.steps_per_task + start_step)
         for t in range(start_task, len(tasks)):
-            stream = run.train_task(t, start_step if t == start_task else 0, progress, bar)
-            run.end_task(t, stream, score)
+            run.train_task(t, start_step if t == start_task else 0, progress, bar)
+            run.end_task(t, score)
     cursor.record["seconds"] = round(time.perf_counter() - run.started, 2)
-    result = stage_result(stage, cursor.record, run.parent, cursor.state.params)
-    return cursor.state.params, result
+    return stage_result(stage, cursor.record, run.parent)
 
 
 def _check_finite(pending, stage: StageSpec, task: TaskData, parent: str | None) -> None:
@@ -475,22 +636,6 @@ def _check_finite(pending, stage: StageSpec, task: TaskData, parent: str | None)
         )
 
 
-def _task_boundary(ctx, stage: StageSpec, state: TrainState, stream, loss) -> TrainState:
-    """Refresh every CL state in the chain (anchors, importances...) at the end of a task."""
-
-    def last_batches(n: int):
-        return (ctx.put_batch(stream[len(stream) - 1 - i]) for i in range(min(n, len(stream))))
-
-    # The methods see the trainable part only (LoRA: the adapters), the rest bound.
-    trainable, fixed = ctx.model.split(state.params)
-    boundary = Boundary(
-        lambda p, batch: loss(ctx.model.join(p, fixed), batch),
-        trainable,
-        last_batches,
-        lambda p, inputs: ctx.apply(ctx.model.join(p, fixed), inputs),
-    )
-    estimates: dict[str, Any] = {}
-    for method in stage.methods:
-        estimates.update(method.estimates(boundary))
-    opt_state = consolidate(state.opt_state, params=trainable, **estimates)
-    return state._replace(opt_state=opt_state)
+def _step_dir(reference: str):
+    stage_dir, step = resolve_checkpoint(reference)
+    return stage_dir / str(step)
