@@ -59,7 +59,7 @@ class TaskData:
     name: str
     train: list[dict[str, np.ndarray]]
     eval: Any  # jaxcl.eval.tasks.TaskEval: the task's eval set, scored by its metric
-    instructions: list[str]  # the train examples' prompts (or texts), for InsCL replay quotas
+    instructions: list[str]  # the train examples' prompts (or texts), for InsCL's memory split
 
 
 @dataclass
