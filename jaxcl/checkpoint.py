@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxcl.parallel import to_host
 
@@ -49,10 +50,11 @@ def save_checkpoint(
     """Write params, optimizer state, frozen trees (DPO reference...), the replay buffer's
     arrays and the manifest as checkpoint ``step``; returns its folder. An existing checkpoint
     ``step`` is replaced."""
+    layout = {name: frozen_layout(tree, name) for name, tree in (frozen or {}).items()}
     items = {
         "params": ocp.args.StandardSave(params),
         "opt_state": ocp.args.StandardSave(opt_state),
-        "manifest": ocp.args.JsonSave(dict(manifest, frozen=sorted(frozen or {}))),
+        "manifest": ocp.args.JsonSave(dict(manifest, frozen=sorted(layout), frozen_layout=layout)),
     }
     if frozen:
         items["frozen"] = ocp.args.StandardSave(frozen)
@@ -64,6 +66,40 @@ def save_checkpoint(
         mgr.save(step, args=ocp.args.Composite(**items), force=True)
         mgr.wait_until_finished()
     return stage_dir / str(step)
+
+
+def frozen_layout(tree: Any, name: str) -> list[list[Any]]:
+    """``[[path keys], shape, dtype]`` of every leaf of a frozen tree (a nested dict of arrays,
+    or one array), as the manifest records it so any shape restores."""
+    if not isinstance(tree, dict):
+        return [[[], list(np.shape(tree)), str(jnp.asarray(tree).dtype)]]
+    out = []
+    for path, leaf in flatten_dict(tree).items():
+        if not all(isinstance(k, str) for k in path):
+            raise TypeError(f"frozen tree {name!r}: keys must be strings, got {path}")
+        out.append([list(path), list(leaf.shape), str(leaf.dtype)])
+    return out
+
+
+def _frozen_like(layout: list[list[Any]], params_like: Any) -> Any:
+    """Restore targets of a frozen tree: a leaf at a parameter's path and shape takes that
+    parameter's sharding; any other leaf is replicated on the parameters' mesh."""
+    flat_params = flatten_dict(params_like) if isinstance(params_like, dict) else {}
+    some = next((v.sharding for v in flat_params.values() if getattr(v, "sharding", None)), None)
+    replicated = (
+        jax.sharding.NamedSharding(some.mesh, jax.sharding.PartitionSpec())
+        if isinstance(some, jax.sharding.NamedSharding)
+        else some
+    )
+
+    def like(path, shape, dtype):
+        param = flat_params.get(tuple(path))
+        sharding = param.sharding if param is not None and list(param.shape) == shape else None
+        return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=sharding or replicated)
+
+    if len(layout) == 1 and not layout[0][0]:
+        return like(*layout[0])
+    return unflatten_dict({tuple(path): like(path, shape, dtype) for path, shape, dtype in layout})
 
 
 def abstract(tree: Any) -> Any:
@@ -114,23 +150,31 @@ def restore_checkpoint(
     stage_dir: Path, step: int, params_like: Any, opt_state_like: Any
 ) -> tuple[Any, Any, dict[str, Any], dict[str, np.ndarray] | None, dict[str, Any]]:
     """``(params, opt_state, frozen, replay arrays, manifest)`` of checkpoint ``step``; frozen
-    trees are shaped and sharded like the parameters, replay arrays come back as numpy."""
+    trees come back in their recorded shapes and dtypes (sharded like the parameters at the
+    same paths, replicated otherwise), replay arrays as numpy."""
     manifest = read_manifest(stage_dir / str(step))
     items = {
         "params": ocp.args.StandardRestore(abstract(params_like)),
         "opt_state": ocp.args.StandardRestore(abstract(opt_state_like)),
     }
     if manifest.get("frozen"):
+        layouts = manifest.get("frozen_layout") or {}
         items["frozen"] = ocp.args.StandardRestore(
-            {name: abstract(params_like) for name in manifest["frozen"]}
+            {
+                name: _frozen_like(layouts[name], params_like)
+                if name in layouts
+                else abstract(params_like)  # checkpoints written before layouts were recorded
+                for name in manifest["frozen"]
+            }
         )
-    if manifest.get("replay"):
+    stored = bool(manifest.get("replay")) and manifest["replay"].get("stored", 1)
+    if stored:
         items["replay"] = ocp.args.StandardRestore()
     with _manager(stage_dir) as mgr:
         restored = mgr.restore(step, args=ocp.args.Composite(**items))
     frozen = dict(restored.frozen) if manifest.get("frozen") else {}
     replay = None
-    if manifest.get("replay"):
+    if stored:
         replay = {k: np.asarray(v) for k, v in restored.replay.items()}
     return restored.params, restored.opt_state, frozen, replay, manifest
 

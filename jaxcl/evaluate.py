@@ -8,15 +8,32 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from jaxcl.recipe import Recipe
+from jaxcl import checkpoint
+from jaxcl.methods.protocol import Carry
+from jaxcl.recipe import Recipe, StageSpec
 from jaxcl.train.runner import make_context
-from jaxcl.train.stage import task_data
+from jaxcl.train.stage import compile_stage, restore_cursor, task_data
+
+
+def _views(run, stage: StageSpec, path: Path):
+    """``params_for(i, params)`` for the tasks of the stage ``path`` is a checkpoint of, when
+    its methods declare eval views (PackNet's masks, an EMA): read from the checkpoint's
+    optimizer state and frozen trees, as training scored them. None otherwise."""
+    sctx = run.for_stage(stage)
+    like = sctx.model.like(run.plain_like)
+    program = compile_stage(sctx, stage, like, stage.steps_per_task * len(stage.tasks))
+    if program.view is None:
+        return None
+    cursor = restore_cursor(sctx, stage, program, path)
+    carry = Carry(cursor.state, cursor.frozen, cursor.buffer)
+    return lambda i: program.view(cursor.state.params, carry, i), sctx
 
 
 def evaluate(recipe: Recipe, checkpoint_dir: str | Path, console: Console | None = None) -> dict:
     """``{"checkpoint", "stages": {stage: {"metric", "task_metrics", "scores"}}, "probes"}`` for
     the parameters of ``checkpoint_dir`` (a step folder ``OUT/checkpoints/<stage>/<step>``):
-    every task scored by its own metric (``task_metrics: {task: metric}``), as in training;
+    every task scored by its own metric (``task_metrics: {task: metric}``), as in training, the
+    checkpoint's own stage's tasks on their eval views where its methods declare them;
     ``metric`` is the stage-level name."""
     console = console or Console()
     path = Path(checkpoint_dir)
@@ -28,11 +45,17 @@ def evaluate(recipe: Recipe, checkpoint_dir: str | Path, console: Console | None
     run, _ = make_context(recipe, console)
     ctx = run.plain
     params = ctx.restore_model(path)
+    own_stage = checkpoint.read_manifest(path).get("stage")
     out: dict[str, Any] = {"checkpoint": str(path), "stages": {}}
     for stage in recipe.stages:
+        views = _views(run, stage, path) if stage.name == own_stage else None
         scores = {}
-        for task in task_data(ctx, stage):
-            scores[task.name] = task.eval.on_devices(ctx.put_batch).score(ctx.model_scorer, params)
+        for i, task in enumerate(task_data(ctx, stage)):
+            scorer, p = ctx.model_scorer, params
+            if views is not None:  # the checkpoint's own stage: each task on its view
+                view, sctx = views
+                scorer, p = sctx.model_scorer, view(i)
+            scores[task.name] = task.eval.on_devices(ctx.put_batch).score(scorer, p)
         out["stages"][stage.name] = {
             "metric": stage.metric,
             "task_metrics": dict(zip([t.name for t in stage.tasks], stage.task_metrics)),

@@ -168,6 +168,13 @@ class StageSpec(Strict):
             raise ValueError(
                 "method o_lora needs LoRA adapters: add `lora: {rank: 8}` to the stage"
             )
+        for i, method in enumerate(self.methods):
+            if self.lora is not None and method.needs_full_weights:
+                raise ValueError(
+                    f"methods[{i}] ({method.name}) merges whole weight trees, but this stage "
+                    "trains LoRA adapters (a merge of A and B is not a merge of W + A·B): drop "
+                    f"lora or {method.name}"
+                )
         if self.lora is not None and self.lora.per_task:
             for i, method in enumerate(self.methods):
                 if method.describes_weights:

@@ -1,5 +1,6 @@
-"""The parameter digest tells bits apart, whatever the layout."""
+"""Checkpoints: the parameter digest tells bits apart, frozen trees restore as saved."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -15,3 +16,30 @@ def test_digest_sees_one_ulp_swaps_and_reshapes_but_not_copies():
     assert params_digest({**p, "a": p["a"].at[0, 1].set(2.0).at[0, 2].set(1.0)}) != d  # swap
     assert params_digest({**p, "a": p["a"].reshape(4, 3)}) != d
     assert params_digest({**p, "b": p["b"].at[4].set(-1.0)}) != d
+
+
+def test_frozen_trees_of_any_shape_and_dtype_restore_as_saved(tmp_path):
+    """A method's frozen trees need not be shaped like the parameters (a float32 EMA of bf16
+    weights, an adapter-only copy, a scalar count, a vector of ratios): each restores in the
+    shape and dtype it was saved with."""
+    from jaxcl import checkpoint
+
+    params = {"w": jnp.ones((3, 4), jnp.bfloat16), "layer": {"b": jnp.zeros(4, jnp.bfloat16)}}
+    frozen = {
+        "ema": {"w": jnp.full((3, 4), 0.5, jnp.float32), "layer": {"b": jnp.ones(4, jnp.float32)}},
+        "part": {"layer": {"b": jnp.arange(4.0, dtype=jnp.bfloat16)}},
+        "count": jnp.asarray(7, jnp.int32),
+        "ratios": jnp.asarray([0.1, 0.2, 0.7], jnp.float32),
+    }
+    opt = {"mu": jnp.zeros((3, 4))}
+    checkpoint.save_checkpoint(tmp_path, 5, params, opt, {"step": 5}, frozen)
+    _, _, back, _, manifest = checkpoint.restore_checkpoint(
+        tmp_path, 5, checkpoint.abstract(params), checkpoint.abstract(opt)
+    )
+    assert sorted(back) == sorted(frozen) == manifest["frozen"]
+    for name, tree in frozen.items():
+        got_leaves, want_leaves = jax.tree.leaves(back[name]), jax.tree.leaves(tree)
+        assert len(got_leaves) == len(want_leaves)
+        for got, want in zip(got_leaves, want_leaves):
+            assert got.dtype == want.dtype and got.shape == want.shape, name
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

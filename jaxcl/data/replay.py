@@ -20,7 +20,8 @@ reproducible and its whole state is arrays plus JSON (:meth:`ReplayBuffer.state`
 
 Mixing follows a schedule ``step -> ratio`` (:func:`ratio_schedule`) through
 :class:`jaxcl.data.pipeline.ReplayMix`. Pseudo-replay (LAMOL, Sun et al., 2020) replaces stored
-examples by ones the model generates from each task's prompt prefix (:func:`pseudo_replay`).
+examples by ones the model generates from each task's prompt prefix: :mod:`jaxcl.data.pseudo`
+(its names are re-exported here); :meth:`ReplayBuffer.replace_examples` puts them in the buffer.
 """
 
 from __future__ import annotations
@@ -29,13 +30,16 @@ import math
 import re
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import grain
 import numpy as np
 from pydantic import Field
 
+from jaxcl.data.pseudo import PseudoReplay as PseudoReplay
+from jaxcl.data.pseudo import common_prefix as common_prefix
+from jaxcl.data.pseudo import make_generate_fn as make_generate_fn
+from jaxcl.data.pseudo import pseudo_replay as pseudo_replay
 from jaxcl.spec import Strict
 
 QUOTAS = ("equal", "proportional", "inscl")
@@ -129,6 +133,9 @@ class ReplayBuffer:
         self.items: list[list[dict[str, np.ndarray]]] = []
         self.vectors: list[np.ndarray | None] = []
         self.upcoming: np.ndarray | None = None
+        #: JSON-able notes per task name, kept in :meth:`state` (pseudo-replay keeps each
+        #: finished task's generation prefix and separator, and its last generation's counts)
+        self.notes: dict[str, dict[str, Any]] = {}
         self._open: int | None = None
         self._trims = 0
 
@@ -176,6 +183,18 @@ class ReplayBuffer:
         for example in examples:
             self.add(example)
         self.end_task()
+
+    def replace_examples(self, examples: Mapping[str, Sequence[dict[str, np.ndarray]]]) -> None:
+        """Replace the stored examples of some finished tasks (e.g. by generated pseudo-examples),
+        then re-split the quotas. A task's ``seen`` count becomes the number given."""
+        if self._open is not None:
+            raise ValueError(f"replay buffer: task {self.tasks[self._open]!r} is still open")
+        for name, rows in examples.items():
+            if name not in self.tasks:
+                raise ValueError(f"replay buffer: unknown task {name!r} (have {self.tasks})")
+            t = self.tasks.index(name)
+            self.items[t], self.seen[t] = list(rows), len(rows)
+        self._rebalance()
 
     # -- quotas ------------------------------------------------------------------------------
     def _vector(self, texts: Sequence[str]) -> np.ndarray:
@@ -288,6 +307,8 @@ class ReplayBuffer:
             "has_vector": vectors,
             "trims": self._trims,
             "fields": keys,
+            "stored": len(flat),  # 0: no arrays to save (orbax refuses zero-size arrays)
+            "notes": self.notes,
         }
         return {"meta": meta, "arrays": arrays}
 
@@ -298,13 +319,15 @@ class ReplayBuffer:
         *,
         embed_fn: Callable[[Sequence[str]], np.ndarray] | None = None,
     ) -> ReplayBuffer:
-        """Rebuild a buffer from :meth:`state` (after a checkpoint round trip)."""
-        meta, arrays = state["meta"], state["arrays"]
+        """Rebuild a buffer from :meth:`state` (after a checkpoint round trip). ``arrays`` may be
+        None for a buffer that stored no example (its tasks and notes are in ``meta``)."""
+        meta, arrays = state["meta"], state.get("arrays") or {}
         if meta.get("version") != 1:
             raise ValueError(f"replay buffer state: unknown version {meta.get('version')!r}")
         buf = cls(meta["capacity"], quota=meta["quota"], seed=meta["seed"], embed_fn=embed_fn)
         buf.tasks, buf.seen, buf._trims = list(meta["tasks"]), list(meta["seen"]), meta["trims"]
-        task_of = np.asarray(arrays["task_of"])
+        buf.notes = {k: dict(v) for k, v in meta.get("notes", {}).items()}
+        task_of = np.asarray(arrays.get("task_of", np.zeros(0, np.int32)))
         buf.items = [[] for _ in buf.tasks]
         for i, t in enumerate(task_of.tolist()):
             buf.items[t].append({k: np.asarray(arrays[f"items.{k}"][i]) for k in meta["fields"]})
@@ -377,123 +400,3 @@ def ratio_schedule(
     raise ValueError(
         f"unknown replay schedule {kind!r}; valid: constant, linear, cosine, piecewise"
     )
-
-
-# -- pseudo-replay (LAMOL) ------------------------------------------------------------------------
-
-
-@dataclass
-class PseudoReplay:
-    """Generated examples per task and what became of the generations."""
-
-    examples: dict[str, list[dict[str, str]]] = field(default_factory=dict)
-    stats: dict[str, dict[str, int]] = field(default_factory=dict)
-
-    def all(self) -> list[dict[str, str]]:
-        return [e for rows in self.examples.values() for e in rows]
-
-
-def common_prefix(prompts: Sequence[str]) -> str:
-    """The longest common prefix of a task's prompts, cut back to a word boundary."""
-    if not prompts:
-        raise ValueError("common_prefix: no prompts")
-    first, last = min(prompts), max(prompts)
-    n = 0
-    while n < min(len(first), len(last)) and first[n] == last[n]:
-        n += 1
-    prefix = first[:n]
-    if n < len(first) and not prefix.endswith((" ", "\n")):
-        cut = max(prefix.rfind(" "), prefix.rfind("\n"))
-        prefix = prefix[: cut + 1] if cut >= 0 else prefix
-    return prefix
-
-
-def pseudo_replay(
-    generate_fn: Callable[[list[str]], list[str]],
-    prefixes: Mapping[str, str],
-    *,
-    per_task: int,
-    kind: Literal["text", "instruction"] = "instruction",
-    separator: str | Mapping[str, str] = "\nA:",
-    batch_size: int = 64,
-) -> PseudoReplay:
-    """LAMOL-style pseudo-examples of earlier tasks, generated by the model itself.
-
-    For every task, ``generate_fn`` receives ``per_task`` copies of the task's prompt prefix
-    (in batches of ``batch_size``) and returns one continuation per prompt (it should sample:
-    greedy decoding gives copies). ``prefix + continuation`` becomes ``{"text": ...}`` for
-    ``text`` kind, or is cut at the task's ``separator`` (the end of its prompt format, e.g.
-    ``"\\nA:"``) into ``{prompt, response}``; generations without the separator or with an empty
-    response are dropped and counted in ``stats``.
-    """
-    out = PseudoReplay()
-    for task, prefix in prefixes.items():
-        sep = separator if isinstance(separator, str) else separator[task]
-        texts: list[str] = []
-        while len(texts) < per_task:
-            n = min(batch_size, per_task - len(texts))
-            got = generate_fn([prefix] * n)
-            if len(got) != n:
-                raise ValueError(f"pseudo_replay: generate_fn returned {len(got)} texts for {n}")
-            texts += got
-        rows: list[dict[str, str]] = []
-        dropped = 0
-        for cont in texts:
-            full = prefix + cont
-            if kind == "text":
-                rows.append({"text": full})
-                continue
-            at = full.find(sep)
-            response = full[at + len(sep) :].rstrip() if at >= 0 else ""
-            if at < 0 or not response.strip():
-                dropped += 1
-                continue
-            rows.append({"prompt": full[: at + len(sep)], "response": response})
-        out.examples[task] = rows
-        unique = len({tuple(sorted(r.items())) for r in rows})
-        out.stats[task] = {
-            "generated": len(texts),
-            "kept": len(rows),
-            "dropped": dropped,
-            "unique": unique,
-        }
-    return out
-
-
-def make_generate_fn(
-    model: Any,
-    tokenizer: Any,
-    *,
-    max_new_tokens: int,
-    generate: Callable[..., Any] | None = None,
-    **generate_kwargs: Any,
-) -> Callable[[list[str]], list[str]]:
-    """``generate_fn(prompts) -> continuations`` over ``jaxcl.generate`` (or ``generate``).
-
-    Each prompt is run alone (``[1, len]`` input: no padding conventions assumed); the
-    continuation stops at the first eos. ``generate_kwargs`` (``temperature``, a key...) are
-    passed through.
-    """
-    from jaxcl.data.tokenize import special_ids, token_ids
-
-    if generate is None:
-        import jaxcl
-
-        generate = getattr(jaxcl, "generate", None)
-        if generate is None:
-            raise ValueError("make_generate_fn: jaxcl.generate is not available; pass generate=")
-    bos, eos, _ = special_ids(tokenizer)
-
-    def generate_fn(prompts: list[str]) -> list[str]:
-        outs = []
-        for ids in token_ids(tokenizer, prompts):
-            ids = ([bos] if bos is not None else []) + ids
-            inp = np.asarray([ids], np.int32)
-            got = np.asarray(generate(model, inp, max_new_tokens=max_new_tokens, **generate_kwargs))
-            echoed = got.shape[1] >= len(ids) and np.array_equal(got[0, : len(ids)], ids)
-            new = (got[0, len(ids) :] if echoed else got[0]).tolist()
-            new = new[: new.index(eos)] if eos in new else new
-            outs.append(tokenizer.decode(new, skip_special_tokens=True))
-        return outs
-
-    return generate_fn

@@ -164,6 +164,9 @@ class MethodSpecBase(Strict):
     #: whether its state describes the trained tree itself (anchors, importances, bases, masks):
     #: such a method has no meaning on per-task LoRA adapters, which are folded and replaced
     describes_weights: ClassVar[bool] = False
+    #: whether it merges whole weight trees (a linear merge of LoRA's A and B is not a merge of
+    #: the effective weights W + A·B): refused on LoRA stages
+    needs_full_weights: ClassVar[bool] = False
 
     def place(self) -> Position:
         """Where the transform stands (an option may move it; default: :attr:`position`)."""

@@ -20,12 +20,14 @@ import optax
 from pydantic import Field
 
 from jaxcl.methods.gpm import GpmSpec
+from jaxcl.methods.hma import HmaSpec
 from jaxcl.methods.isolate import FreezeSpec, PackNetSpec
 from jaxcl.methods.memory import ReplaySpec
 from jaxcl.methods.project import AgemSpec, OgdSpec, OLoraSpec
 from jaxcl.methods.protocol import Hook, MethodSpecBase
 from jaxcl.methods.regularize import EwcSpec, L2AnchorSpec, MasSpec, RecAdamSpec, SiSpec
 from jaxcl.methods.softmask import SoftMaskSpec
+from jaxcl.methods.weights import AverageSpec, ElasticResetSpec, EmaSpec, TaskArithmeticSpec
 
 METHOD_SPECS: tuple[type[MethodSpecBase], ...] = (
     EwcSpec,
@@ -41,6 +43,11 @@ METHOD_SPECS: tuple[type[MethodSpecBase], ...] = (
     PackNetSpec,
     SoftMaskSpec,
     ReplaySpec,
+    EmaSpec,
+    ElasticResetSpec,
+    AverageSpec,
+    TaskArithmeticSpec,
+    HmaSpec,
 )
 
 MethodSpec = Annotated[
@@ -56,7 +63,12 @@ MethodSpec = Annotated[
     | FreezeSpec
     | PackNetSpec
     | SoftMaskSpec
-    | ReplaySpec,
+    | ReplaySpec
+    | EmaSpec
+    | ElasticResetSpec
+    | AverageSpec
+    | TaskArithmeticSpec
+    | HmaSpec,
     Field(discriminator="name"),
 ]
 
@@ -74,6 +86,17 @@ CONFLICTS: dict[frozenset[str], str] = {
         "(recadam anneals it, l2_anchor keeps it constant)"
     ),
 }
+
+#: weight-space methods: each replaces the stage's weights at boundaries (and its eval view
+#: assumes the weights it left), so at most one per stage
+WEIGHT_SPACE = ("ema", "elastic_reset", "average", "task_arithmetic", "hma")
+CONFLICTS.update(
+    {
+        frozenset({a, b}): "each replaces the stage's weights at boundaries; keep one"
+        for i, a in enumerate(WEIGHT_SPACE)
+        for b in WEIGHT_SPACE[i + 1 :]
+    }
+)
 
 #: front methods that must see the raw task gradient, so stand first in the chain
 FIRST: tuple[str, ...] = ("si",)

@@ -21,9 +21,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxcl.objectives.lm import causal_lm_loss, sequence_logps
-from jaxcl.objectives.preference import dpo_loss, preference_metrics
+from jaxcl.objectives.preference import LENGTH_AVERAGED_KINDS, dpo_loss, preference_metrics
 
 Batch = dict[str, jax.Array]
+PAIR = ("chosen", "rejected")
 Metrics = dict[str, jax.Array]
 FROZEN_KINDS = ("reference", "task_start")
 
@@ -71,7 +72,8 @@ def pair_logps(apply, params, batch: Batch) -> tuple[jax.Array, jax.Array]:
 def dpo_objective(
     apply, *, beta: float, kind: str = "sigmoid", label_smoothing: float = 0.0
 ) -> Objective:
-    """DPO against the frozen ``reference``; reports TRL's reward metrics.
+    """DPO against the frozen ``reference``; reports TRL's reward metrics. IPO sees
+    length-averaged log-probs (:data:`~jaxcl.objectives.preference.LENGTH_AVERAGED_KINDS`).
 
     Kept for direct use; recipes compile through :func:`jaxcl.objectives.terms.compose_objective`.
     """
@@ -81,6 +83,14 @@ def dpo_objective(
         ref_chosen, ref_rejected = jax.lax.stop_gradient(
             pair_logps(apply, frozen["reference"], batch)
         )
+        if kind in LENGTH_AVERAGED_KINDS:
+            n_c, n_r = (jnp.maximum(jnp.sum(batch[f"{s}_mask"][:, 1:], -1), 1.0) for s in PAIR)
+            chosen, rejected, ref_chosen, ref_rejected = (
+                chosen / n_c,
+                rejected / n_r,
+                ref_chosen / n_c,
+                ref_rejected / n_r,
+            )
         losses = dpo_loss(
             chosen,
             rejected,

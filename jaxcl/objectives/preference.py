@@ -1,12 +1,17 @@
 """Preference objectives for continual alignment (DPO and kin).
 
-All take summed sequence log-probabilities of the chosen (w) and rejected (l) responses under the
+All take sequence log-probabilities of the chosen (w) and rejected (l) responses under the
 policy π_θ and the reference π_ref, and return per-example losses (reduce them yourself, as with
-``optax.losses``). With ``h = (log π_θ(w) − log π_ref(w)) − (log π_θ(l) − log π_ref(l))``:
+``optax.losses``). The log-probabilities are summed over the response tokens, except for the
+kinds in :data:`LENGTH_AVERAGED_KINDS`, which take the per-token mean ``(1/|y|) Σ_t log π(y_t|·)``
+for the policy and the reference alike (the objective's ``dpo`` term passes them so). With
+``h = (log π_θ(w) − log π_ref(w)) − (log π_θ(l) − log π_ref(l))``:
 
 * ``sigmoid`` (DPO, Rafailov et al. 2023): ``−(1−ε) log σ(βh) − ε log σ(−βh)``; ``ε`` is
   ``label_smoothing`` (conservative DPO), 0 by default.
-* ``ipo`` (Azar et al. 2023): ``(h − 1/(2β))²``.
+* ``ipo`` (Azar et al. 2023, Eq. 17 with τ = β): ``(h − 1/(2β))²`` on length-averaged
+  log-probs, as TRL's ``DPOTrainer`` computes it (``loss_type="ipo"`` divides each sequence's
+  summed log-prob by its number of response tokens, following the IPO authors' advice).
 * ``hinge`` (SLiC-style): ``max(0, 1 − βh)``.
 * ``simpo`` (Meng et al. 2024), reference-free: pass length-normalised log-probs as the policy
   terms; ``−log σ(β (log π_θ(w) − log π_θ(l)) − γ)`` with ``γ = simpo_gamma``; the reference
@@ -24,6 +29,8 @@ import jax.numpy as jnp
 
 DPO_KINDS = ("sigmoid", "ipo", "hinge", "simpo")
 REFERENCE_FREE_KINDS = ("simpo",)
+#: kinds fed per-token averaged (length-normalised) sequence log-probs instead of sums
+LENGTH_AVERAGED_KINDS = ("ipo", "simpo")
 
 
 def dpo_loss(
@@ -37,7 +44,9 @@ def dpo_loss(
     label_smoothing: float = 0.0,
     simpo_gamma: float = 0.5,
 ) -> jax.Array:
-    """Per-example preference loss ``[B]``; see the module docstring for each ``kind``."""
+    """Per-example preference loss ``[B]``; see the module docstring for each ``kind`` (and
+    :data:`LENGTH_AVERAGED_KINDS` for which log-probs each expects: the function itself only
+    applies the formula to what it is given)."""
     if kind not in DPO_KINDS:
         raise ValueError(f"dpo_loss: unknown kind {kind!r}; valid kinds: {', '.join(DPO_KINDS)}")
     if kind == "simpo":

@@ -110,9 +110,14 @@ class LmTermSpec(TermSpecBase):
     """Masked causal-LM NLL (the chosen response's, on preference pairs)."""
 
     name: Literal["lm"]
+    question_loss: float = Field(
+        0.0,
+        ge=0,
+        description="LAMOL's λ: weight of the whole example's LM loss, prompt included",
+    )
 
     def build(self, reference: ReferenceSpec) -> Term:
-        return lm_term(self.weight)
+        return lm_term(self.weight, question_loss=self.question_loss)
 
 
 class DpoTermSpec(TermSpecBase):

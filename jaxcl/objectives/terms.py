@@ -9,7 +9,7 @@ batch of ``2B`` rows, chosen first). Terms:
 =========  ==============================================================================
 ``lm``     masked causal-LM NLL (on the chosen response of preference pairs: SFT / ORPO's NLL)
 ``dpo``    :func:`~jaxcl.objectives.preference.dpo_loss` (sigmoid, IPO, hinge, SimPO) vs the
-           reference; SimPO uses length-normalised log-probs and no reference
+           reference; IPO and SimPO on length-averaged log-probs (SimPO: no reference)
 ``orpo``   :func:`~jaxcl.objectives.preference.orpo_loss` on length-normalised log-probs
 ``cppo``   :func:`~jaxcl.objectives.retention.cppo_penalty` against a frozen tree, mean over rows
 ``kl``     :func:`~jaxcl.objectives.retention.token_kl`, masked mean over target tokens
@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jaxcl.objectives.bound import Batch, Metrics, Objective
 from jaxcl.objectives.lm import token_logps
 from jaxcl.objectives.preference import (
+    LENGTH_AVERAGED_KINDS,
     REFERENCE_FREE_KINDS,
     dpo_loss,
     orpo_log_odds,
@@ -68,7 +69,7 @@ class Pass:
         self.inputs, self.targets = tokens[:, :-1], tokens[:, 1:]
         self.mask = mask[:, 1:].astype(jnp.float32)
         self._logits: dict[str, jax.Array] = {}
-        self._logps: dict[str, jax.Array] = {}
+        self._raw: dict[str, jax.Array] = {}
 
     def logits(self, tree: str = "policy") -> jax.Array:
         """``[R, T, V]`` logits of the policy or of frozen tree ``tree`` (no gradient)."""
@@ -85,11 +86,25 @@ class Pass:
                 self._logits[tree] = jax.lax.stop_gradient(out)
         return self._logits[tree]
 
+    def all_token_logps(self, tree: str = "policy") -> jax.Array:
+        """``[R, T]`` log-probs of every target, trained or not (padding included)."""
+        if tree not in self._raw:
+            self._raw[tree] = token_logps(self.logits(tree), self.targets)
+        return self._raw[tree]
+
     def token_logps(self, tree: str = "policy") -> jax.Array:
         """``[R, T]`` log-probs of the targets (0 where the mask is 0)."""
-        if tree not in self._logps:
-            self._logps[tree] = token_logps(self.logits(tree), self.targets) * self.mask
-        return self._logps[tree]
+        return self.all_token_logps(tree) * self.mask
+
+    @property
+    def example_mask(self) -> jax.Array:
+        """``[R, T]``: 1 on every target up to a row's last trained one, 0 on the padding after.
+
+        Encoded rows are ``bos, prompt, response, eos, pad...`` with the loss mask on the
+        response and its eos, so this covers the whole example (prompt included): the reverse
+        running maximum ``e_t = max_{s ≥ t} m_s``. On text rows it equals the loss mask.
+        """
+        return jax.lax.cummax(self.mask, axis=1, reverse=True)
 
     def seq_logps(self, tree: str = "policy") -> jax.Array:
         """``[R]`` summed target log-probs."""
@@ -118,16 +133,26 @@ class Term:
     pairs: bool = False
 
 
-def lm_term(weight: float = 1.0) -> Term:
-    """Masked causal-LM NLL; on preference pairs, of the chosen responses only."""
+def lm_term(weight: float = 1.0, *, question_loss: float = 0.0) -> Term:
+    """Masked causal-LM NLL; on preference pairs, of the chosen responses only.
+
+    With ``question_loss = λ > 0`` it is LAMOL's objective (Sun et al., 2020),
+    ``L = L_QA + λ L_LM``: the response NLL plus λ times the NLL of the whole example, prompt
+    tokens included (:attr:`Pass.example_mask`), each a mean over its tokens in the batch, as
+    the reference code's ``qa_loss + lm_lambda * lm_loss`` (LAMOL's λ = 0.25). The model thus
+    also learns to write the questions it will generate as pseudo-examples.
+    """
+    if question_loss < 0:
+        raise ValueError(f"lm: question_loss must be >= 0, got {question_loss}")
 
     def fn(p: Pass) -> tuple[jax.Array, Metrics]:
-        nll = -p.token_logps()
-        mask = p.mask
-        if p.pairs:
-            nll, mask = nll[: p.half], mask[: p.half]
-        value = masked_mean(nll, mask)
-        return value, {}
+        nll, mask = -p.all_token_logps(), p.mask
+        rows = slice(0, p.half) if p.pairs else slice(None)
+        value = masked_mean(nll[rows], mask[rows])
+        if not question_loss:
+            return value, {}
+        whole = masked_mean(nll[rows], p.example_mask[rows])
+        return value + question_loss * whole, {"lm/answer": value, "lm/example": whole}
 
     return Term("lm", weight, fn)
 
@@ -143,13 +168,21 @@ def dpo_term(
     precomputed: bool = False,
 ) -> Term:
     """DPO (or IPO, hinge, SimPO) against frozen tree ``reference`` (unless reference-free);
-    with ``precomputed`` the reference log-probs come from the batch (:data:`REF_KEYS`)."""
+    with ``precomputed`` the reference log-probs come from the batch (:data:`REF_KEYS`, summed;
+    divided here by the same response lengths when the kind wants averages).
+
+    Kinds in :data:`~jaxcl.objectives.preference.LENGTH_AVERAGED_KINDS` (IPO, SimPO) see the
+    per-token mean ``ℓ̄ = Σ_t m_t log π(y_t|·) / Σ_t m_t`` of the policy and of the reference,
+    as TRL feeds them; the reward metrics are computed from the same quantities (as TRL logs
+    them)."""
     free = kind in REFERENCE_FREE_KINDS
+    averaged = kind in LENGTH_AVERAGED_KINDS
 
     def fn(p: Pass) -> tuple[jax.Array, Metrics]:
-        pol = p.seq_logps()
+        per = p.lengths if averaged else 1.0
+        pol = p.seq_logps() / per
         if free:
-            pol_c, pol_r = p.split(pol / p.lengths)
+            pol_c, pol_r = p.split(pol)
             ref_c = ref_r = jnp.zeros_like(pol_c)
         else:
             if precomputed:
@@ -164,7 +197,7 @@ def dpo_term(
             else:
                 ref = p.seq_logps(reference)
             pol_c, pol_r = p.split(pol)
-            ref_c, ref_r = p.split(jax.lax.stop_gradient(ref))
+            ref_c, ref_r = p.split(jax.lax.stop_gradient(ref / per))
         losses = dpo_loss(
             pol_c,
             pol_r,

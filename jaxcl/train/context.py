@@ -122,6 +122,11 @@ class StageContext:
     def model_scorer(self) -> ModelScorer:
         return ModelScorer(make_batch_scorer(self.apply), self.graphdef, self.run.tokenizer)
 
+    @functools.cached_property
+    def model_config(self) -> Any:
+        """The model's configuration (layers, heads, dimensions), for hooks that need it."""
+        return self.recipe.model.abstract_model().config
+
     # what every stage reads of its run
     recipe = property(lambda self: self.run.recipe)
     out = property(lambda self: self.run.out)

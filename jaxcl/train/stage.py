@@ -344,6 +344,7 @@ class StageRun:
             "tokenizer": ctx.tokenizer,
             "encode": lambda rows: encode_all(rows, kind, ctx.tokenizer, stage.seq_len),
             "kind": stage.kind,
+            "model_config": ctx.model_config,
             "seq_len": stage.seq_len,
             "seed": ctx.recipe.seed,
         }
@@ -456,7 +457,9 @@ class StageRun:
     def save(self, t: int, k: int, done: bool) -> None:
         recipe, stage, cursor = self.ctx.recipe, self.stage, self.cursor
         cursor.record["seconds"] = round(time.perf_counter() - self.started, 2)
-        buffer = cursor.buffer.state() if cursor.buffer is not None and len(cursor.buffer) else None
+        # a memory of notes alone (pseudo-replay: prefixes, no rows) is kept too
+        memory = cursor.buffer
+        buffer = memory.state() if memory is not None and memory.tasks else None
         names = [x.name for x in self.tasks]
         manifest = {
             "recipe": recipe.name,
@@ -482,7 +485,7 @@ class StageRun:
             cursor.state.opt_state,
             manifest,
             cursor.frozen,
-            replay=buffer["arrays"] if buffer else None,
+            replay=buffer["arrays"] if buffer and buffer["meta"]["stored"] else None,
         )
         self.ctx.add_checkpoint(dict(manifest, path=str(path), record=None, replay=None))
         self.parent = str(path)
