@@ -75,8 +75,8 @@ def frozen_layout(tree: Any, name: str) -> list[list[Any]]:
         return [[[], list(np.shape(tree)), str(jnp.asarray(tree).dtype)]]
     out = []
     for path, leaf in flatten_dict(tree).items():
-        if not all(isinstance(k, str) for k in path):
-            raise TypeError(f"frozen tree {name!r}: keys must be strings, got {path}")
+        if not all(isinstance(k, str | int) for k in path):  # JSON keeps both
+            raise TypeError(f"frozen tree {name!r}: keys must be strings or ints, got {path}")
         out.append([list(path), list(leaf.shape), str(leaf.dtype)])
     return out
 

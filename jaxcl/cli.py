@@ -30,7 +30,8 @@ EXAMPLES = {
   jaxcl bench --preset tiny --batch 8 --seq 256
   jaxcl bench --preset tiny --method ewc --method agem
   jaxcl bench --preset smollm2-135m --batch 4 --seq 256 --compare torch
-  jaxcl bench --load smollm2-135m-instruct   # load time and forward tokens/s of real weights""",
+  jaxcl bench --load smollm2-135m-instruct   # load time and forward tokens/s of real weights
+  jaxcl bench --boundary --preset tiny --seq 64   # per-example Fisher / MAS cost per 1,000""",
 }
 
 
@@ -92,6 +93,11 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--peak-flops", type=float, help="device peak FLOP/s, for MFU")
     bench.add_argument(
         "--load", metavar="SOURCE", help="instead: time loading SOURCE and its forward pass"
+    )
+    bench.add_argument(
+        "--boundary",
+        action="store_true",
+        help="instead: time the per-example Fisher and MAS importance (s per 1,000 examples)",
     )
 
     convert = sub.add_parser(
@@ -157,6 +163,14 @@ def _bench(args: argparse.Namespace) -> int:
         figures = bench_model(args.load, batch=args.batch, seq=args.seq, steps=args.steps)
         for key, value in figures.items():
             print(f"{key}: {value}")
+        return 0
+    if args.boundary:
+        from jaxcl.bench import boundary_costs, format_boundary
+
+        costs = boundary_costs(
+            (args.preset,), ("fisher", "mas"), seq_len=args.seq, batch_size=args.batch
+        )
+        print(format_boundary(costs, f"task-boundary estimates: preset {args.preset}"))
         return 0
 
     timings = bench(

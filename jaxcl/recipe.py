@@ -163,32 +163,11 @@ class StageSpec(Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"task names must be unique within a stage, got {names}")
         validate_methods(self.methods)
-        o_lora = self.method("o_lora")
-        if o_lora is not None and self.lora is None:
-            raise ValueError(
-                "method o_lora needs LoRA adapters: add `lora: {rank: 8}` to the stage"
-            )
         for i, method in enumerate(self.methods):
-            if self.lora is not None and method.needs_full_weights:
-                raise ValueError(
-                    f"methods[{i}] ({method.name}) merges whole weight trees, but this stage "
-                    "trains LoRA adapters (a merge of A and B is not a merge of W + A·B): drop "
-                    f"lora or {method.name}"
-                )
-        if self.lora is not None and self.lora.per_task:
-            for i, method in enumerate(self.methods):
-                if method.describes_weights:
-                    raise ValueError(
-                        f"methods[{i}] ({method.name}) keeps anchors, importances, bases or masks "
-                        "of the trained tree, but lora.per_task folds each task's adapter into "
-                        "the base and draws a fresh one, so that state would describe an adapter "
-                        f"that no longer exists: drop lora.per_task or {method.name}"
-                    )
-        if o_lora is not None and o_lora.max_tasks < len(self.tasks):
-            raise ValueError(
-                f"o_lora.max_tasks ({o_lora.max_tasks}) must be at least the stage's number of "
-                f"tasks ({len(self.tasks)})"
-            )
+            try:
+                method.check_stage(n_tasks=len(self.tasks), lora=self.lora)
+            except ValueError as err:
+                raise ValueError(f"methods[{i}] ({method.name}): {err}") from None
         OptimizerSpec(**self.optimizer)  # an unknown or mistyped override fails here
         return self
 

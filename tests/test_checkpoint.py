@@ -24,10 +24,10 @@ def test_frozen_trees_of_any_shape_and_dtype_restore_as_saved(tmp_path):
     shape and dtype it was saved with."""
     from jaxcl import checkpoint
 
-    params = {"w": jnp.ones((3, 4), jnp.bfloat16), "layer": {"b": jnp.zeros(4, jnp.bfloat16)}}
+    params = {"w": jnp.ones((3, 4), jnp.bfloat16), "layer": {0: {"b": jnp.zeros(4, jnp.bfloat16)}}}
     frozen = {
-        "ema": {"w": jnp.full((3, 4), 0.5, jnp.float32), "layer": {"b": jnp.ones(4, jnp.float32)}},
-        "part": {"layer": {"b": jnp.arange(4.0, dtype=jnp.bfloat16)}},
+        "ema": {"w": jnp.full((3, 4), 0.5), "layer": {0: {"b": jnp.ones(4, jnp.float32)}}},
+        "part": {"layer": {0: {"b": jnp.arange(4.0, dtype=jnp.bfloat16)}}},
         "count": jnp.asarray(7, jnp.int32),
         "ratios": jnp.asarray([0.1, 0.2, 0.7], jnp.float32),
     }

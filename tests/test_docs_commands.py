@@ -32,7 +32,8 @@ jaxcl eval CKPT R ...    CKPT ``runs/quickstart/checkpoints/S/N``: N must be a s
 jaxcl report DIR         DIR ``runs/quickstart`` is the micro run. Checked: report.md written
 jaxcl bench ...          ``--preset test-micro --batch 2 --seq 32 --steps 1 --warmup 1``, methods
                          and ``--compare`` kept; ``--load SRC`` keeps SRC at ``--batch 1 --seq 16
-                         --steps 1``. Checked: a row per method and compare, or the load figures
+                         --steps 1``; ``--boundary`` kept. Checked: a row per method and compare,
+                         the load figures, or the boundary figures
 jaxcl convert SRC DST    SRC: the tiny model (test-micro) as an HF folder, or as a GGUF file when
                          SRC ends in .gguf; DST in tmp, suffix kept. Checked: DST written
 jaxcl methods            as is. Checked: every catalog entry listed
@@ -560,7 +561,10 @@ BENCH_LOAD_MICRO = {"--batch": "1", "--seq": "16", "--steps": "1"}
 
 
 def _bench(cmd, args, env, ws):
-    """The test-micro shape, one step; --load keeps its source at one tiny forward."""
+    """The test-micro shape, one step; --load keeps its source at one tiny forward; --boundary
+    times the estimates on the test-micro shape."""
+    flags = [a for a in args if a == "--boundary"]
+    args = [a for a in args if a != "--boundary"]
     options = dict(zip(args[::2], args[1::2]))
     if len(args) % 2 or any(not k.startswith("--") for k in options):
         cmd.fail("expected --option value pairs")
@@ -568,9 +572,11 @@ def _bench(cmd, args, env, ws):
     settings = {k: v for k, v in options.items() if k != "--method"}
     settings |= BENCH_LOAD_MICRO if "--load" in settings else BENCH_MICRO
     argv = [w for k, v in settings.items() for w in (k, v)]
-    argv += [w for m in methods for w in ("--method", m)]
+    argv += [w for m in methods for w in ("--method", m)] + flags
 
     def check(out):
+        if flags:
+            return "" if "s / 1,000 examples" in out else "no boundary figures"
         if "--load" in settings:
             return "" if "forward_tokens_per_s" in out else "no load figures"
         rows = ["jaxcl adamw", *(f"jaxcl adamw + {m.split(':')[0]}" for m in methods)]

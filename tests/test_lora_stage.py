@@ -177,7 +177,7 @@ def test_attach_renew_export_keep_the_function():
 
 
 def test_o_lora_without_adapters_is_refused(tmp_path):
-    with pytest.raises(RecipeError, match="o_lora needs LoRA adapters"):
+    with pytest.raises(RecipeError, match=r"methods\[0\] \(o_lora\): needs LoRA adapters"):
         load_recipe(
             QUICKSTART,
             [f"out_dir={tmp_path}", "stages.1.methods=[{name: o_lora}]"],
@@ -189,6 +189,25 @@ def test_o_lora_without_adapters_is_refused(tmp_path):
                 f"out_dir={tmp_path}",
                 "stages.1.lora={rank: 2}",
                 "stages.1.methods=[{name: o_lora, max_tasks: 2}]",
+            ],
+        )
+    for method in ("ewc", "gpm", "packnet"):  # their state would describe a replaced adapter
+        with pytest.raises(RecipeError, match=rf"\({method}\): keeps anchors.*lora.per_task"):
+            load_recipe(
+                QUICKSTART,
+                [
+                    f"out_dir={tmp_path}",
+                    "stages.1.lora={rank: 2, per_task: true}",
+                    f"stages.1.methods=[{{name: {method}}}]",
+                ],
+            )
+    with pytest.raises(RecipeError, match=r"\(average\): merges whole weight trees"):
+        load_recipe(
+            QUICKSTART,
+            [
+                f"out_dir={tmp_path}",
+                "stages.1.lora={rank: 2}",
+                "stages.1.methods=[{name: average}]",
             ],
         )
     with pytest.raises(RecipeError, match="unknown projections"):

@@ -117,10 +117,10 @@ def test_fisher_diagonal_matches_closed_form_for_linear_regression():
 
     per_batch = np.mean([residual_x(b).mean(0) ** 2 for b in batches], axis=0)
     per_example = np.mean([(residual_x(b) ** 2).mean(0) for b in batches], axis=0)
-    got = methods.fisher_diagonal(loss, {"w": w}, batches)
-    np.testing.assert_allclose(got["w"], per_batch, rtol=1e-5)
-    got = methods.fisher_diagonal(loss, {"w": w}, batches, per_example=True)
+    got = methods.fisher_diagonal(loss, {"w": w}, batches)  # per example by default
     np.testing.assert_allclose(got["w"], per_example, rtol=1e-5)
+    got = methods.fisher_diagonal(loss, {"w": w}, batches, per_example=False)
+    np.testing.assert_allclose(got["w"], per_batch, rtol=1e-5)
 
 
 def test_fisher_diagonal_needs_batches():

@@ -36,12 +36,12 @@ def everything():
         methods.ewc(1.0, decay=0.9),
         methods.mas(1.0),
         methods.l2_anchor(0.01),
-        methods.agem(),
-        methods.ogd(3),
-        methods.gpm(0.9, select=lambda path, x: x.ndim == 2 and "embed" not in path),
         methods.o_lora(0.1, max_tasks=2),
         optax.clip_by_global_norm(1.0),
         optax.adamw(1e-2, weight_decay=0.1),
+        methods.gpm(0.9, select=lambda path, x: x.ndim == 2 and "embed" not in path),
+        methods.agem(),  # A-GEM and OGD project the final update (their default)
+        methods.ogd(3),
         methods.freeze("embed"),
         methods.packnet(0.5),
         methods.soft_mask(),
@@ -55,7 +55,7 @@ def estimates(params):
     return dict(
         fisher=ones,
         mas_importance=ones,
-        soft_mask_importance=ones,
+        soft_mask_importance=jax.tree.map(lambda x: 0.5 * x, ones),  # a mask in [0, 1]
         ogd_grads=[ones],
         gpm_covariance=cov,
     )
@@ -127,9 +127,17 @@ def test_recipe_methods_compile_to_the_right_sides():
         {"name": "agem", "per_task": 7},
     )
     compiled = compile_methods(specs, learning_rate=1e-3)
-    assert [methods.position(t) for t in compiled.front] == ["front"] * 3
-    assert [methods.position(t) for t in compiled.behind] == ["behind"] * 2
-    assert compiled.needs_memory_grads and compiled.memory_per_task == 7
+    assert [methods.position(t) for t in compiled.front] == ["front"] * 2
+    assert [methods.position(t) for t in compiled.behind] == ["behind"] * 3  # agem: the update
+    assert compiled.needs_memory_grads
+    (agem_spec,) = [m for m in specs if m.name == "agem"]
+    assert agem_spec.new_memory(seed=0, n_tasks=3).capacity == 21  # per_task × tasks
+    # PackNet prunes at a step of each task, A-GEM remembers each task at its end
+    assert sorted(h.phase for h in compiled.hooks) == ["memory", "step"]
+    # masks stand last behind AdamW (after A-GEM's projection of the update)
+    assert type(compiled.behind[-1].init(params_like(jax.random.key(0)))).__name__ == (
+        "PackNetState"
+    )
     # SI sees the raw gradient: compiled first whatever the recipe order.
     assert type(compiled.front[0].init(params_like(jax.random.key(0)))).__name__ == "SiState"
     with pytest.raises(ValueError, match="'l2_anchor' and 'recadam' conflict: both pull"):
@@ -161,13 +169,19 @@ def check(state, when):
     return n
 check(state, "init")
 # every parameter-shaped leaf follows its parameter's sharding and dtype
-for name, leaf in [("ewc", state[1].fisher), ("ogd", state[5].basis[0]), ("si", state[0].path)]:
+for name, leaf in [("ewc", state[1].fisher), ("si", state[0].path)]:
     for x, p in zip(jax.tree.leaves(leaf), jax.tree.leaves(params)):
         assert x.dtype == p.dtype, (name, x.shape, x.dtype)
         assert x.sharding.spec == p.sharding.spec, (name, x.shape, x.sharding.spec)
-basis = state[6].basis["head"]  # GPM [in=8, rank=8] of a [8, 16] kernel: sharded over in
+# OGD's basis: a float32 [k, *shape] stack per leaf, sharded as its parameter on the trailing axes
+ogd_state = next(s for s in state if type(s).__name__ == "OgdState")
+for x, p in zip(jax.tree.leaves(ogd_state.basis), jax.tree.leaves(params)):
+    assert x.dtype == jnp.float32 and x.shape == (3, *p.shape), (x.shape, x.dtype)
+    assert tuple(x.sharding.spec) == (None, *p.sharding.spec), (x.shape, x.sharding.spec)
+gpm_state = next(s for s in state if type(s).__name__ == "GpmState")
+basis = gpm_state.basis["head"]  # GPM [in=8, rank=8] of a [8, 16] kernel: sharded over in
 assert basis.dtype == jnp.float32 and basis.sharding.spec == P("fsdp", None), basis.sharding.spec
-assert methods.skipped(state[6].basis["embed"])
+assert methods.skipped(gpm_state.basis["embed"])
 loss = lambda p: sum(jnp.sum(jnp.sin(x.astype(jnp.float32))) for x in jax.tree.leaves(p))
 @jax.jit
 def step(p, s):

@@ -50,10 +50,11 @@ def _init(lora=False):
 
 def _estimates(p, task):
     batches = [jax.tree.map(lambda v, i=i: v[i::4], task) for i in range(4)]
-    # OGD-GTL-style directions: gradients of single outputs on single examples
+    # OGD's directions: per-example gradients of every output (OGD-ALL; a regression has no
+    # ground-truth logit) on 30 of the task's 64 examples, projected over the whole vector
     out_grads = [
         jax.grad(lambda q, i=i, j=j: model(q, task["x"][i])[j])(p)
-        for i in range(10)
+        for i in range(30)
         for j in range(D_OUT)
     ]
     return {
@@ -105,7 +106,7 @@ METHODS = {
     "si": lambda: methods.si(1.0, damping=0.1),
     "recadam": lambda: methods.recadam(LR, 10.0, schedule="sigmoid", k=0.1, t0=100),
     "agem": lambda: methods.agem(),
-    "ogd": lambda: methods.ogd(30),
+    "ogd": lambda: methods.ogd(90),
     "gpm": lambda: methods.gpm(0.99),
 }
 

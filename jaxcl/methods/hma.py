@@ -151,6 +151,7 @@ class HmaSpec(MethodSpecBase):
     ``reg Σ_k n_k |α_k − α|`` (n_k: linear layers of group k), one pass over the task's own
     examples. The merge runs at the stage's end (θ_0 the stage's start: one alignment run) or at
     each task's end (``at``), with θ_0 the stage's or the task's start (``anchor``)."""
+
     needs_full_weights: ClassVar[bool] = True
 
     name: Literal["hma"]

@@ -172,10 +172,31 @@ class MethodSpecBase(Strict):
         """Where the transform stands (an option may move it; default: :attr:`position`)."""
         return self.position
 
+    def check_stage(self, *, n_tasks: int, lora: Any) -> None:
+        """Refuse, with a ``ValueError`` naming the field, a stage this method cannot serve
+        (``n_tasks`` tasks; ``lora`` the stage's adapter spec or None). Run at validation;
+        overrides call this one too."""
+        if lora is not None and self.needs_full_weights:
+            raise ValueError(
+                "merges whole weight trees, but this stage trains LoRA adapters (a merge of A "
+                f"and B is not a merge of W + A·B): drop lora or {self.name}"
+            )
+        if lora is not None and lora.per_task and self.describes_weights:
+            raise ValueError(
+                "keeps anchors, importances, bases or masks of the trained tree, but "
+                "lora.per_task folds each task's adapter into the base and draws a fresh one, so "
+                f"that state would describe an adapter that no longer exists: drop lora.per_task "
+                f"or {self.name}"
+            )
+
     def transform(
-        self, *, learning_rate: optax.ScalarOrSchedule | None = None
+        self,
+        *,
+        learning_rate: optax.ScalarOrSchedule | None = None,
+        weight_decay: float = 0.0,
     ) -> optax.GradientTransformationExtraArgs | None:
-        """The gradient-side transform; ``learning_rate`` is the base optimizer's (schedule)."""
+        """The gradient-side transform; ``learning_rate`` and ``weight_decay`` are the base
+        optimizer's (AdamW's schedule and decoupled decay)."""
         return None
 
     def estimates(self, ctx: Context, carry: Carry) -> dict[str, Any]:

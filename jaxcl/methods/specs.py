@@ -98,8 +98,12 @@ CONFLICTS.update(
     }
 )
 
-#: front methods that must see the raw task gradient, so stand first in the chain
-FIRST: tuple[str, ...] = ("si",)
+#: first on their side of the optimizer: SI must see the raw task gradient, RecAdam AdamW's own
+#: update (its recall term is decoupled from Adam, its λ(t) scales Adam's step alone)
+FIRST: tuple[str, ...] = ("si", "recadam")
+#: masks stand last behind the optimizer, after any projection of the update, so the weights
+#: they fix stay bit-identical
+LAST: tuple[str, ...] = ("freeze", "packnet", "soft_mask")
 
 
 def validate_methods(methods: list[MethodSpecBase]) -> None:
@@ -135,15 +139,17 @@ class CompiledMethods:
 
 
 def compile_methods(
-    methods: list[MethodSpecBase], learning_rate: optax.ScalarOrSchedule | None = None
+    methods: list[MethodSpecBase],
+    learning_rate: optax.ScalarOrSchedule | None = None,
+    weight_decay: float = 0.0,
 ) -> CompiledMethods:
-    """Validate ``methods`` and place each transform on its side of the base optimizer: front
-    methods in recipe order (those in ``FIRST`` moved first), then behind methods in order."""
+    """Validate ``methods`` and place each transform on its side of the base optimizer, in
+    recipe order except that those in ``FIRST`` move first and masks (``LAST``) last."""
     validate_methods(methods)
-    ordered = sorted(methods, key=lambda m: m.name not in FIRST)
+    ordered = sorted(methods, key=lambda m: 0 if m.name in FIRST else 2 if m.name in LAST else 1)
     front, behind = [], []
     for m in ordered:
-        tx = m.transform(learning_rate=learning_rate)
+        tx = m.transform(learning_rate=learning_rate, weight_decay=weight_decay)
         if tx is not None:
             (front if m.place() == "front" else behind).append(tx)
     return CompiledMethods(

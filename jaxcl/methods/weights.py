@@ -325,6 +325,7 @@ class AverageSpec(MethodSpecBase):
       θ_j (each trained from the previous average): ``m_t = m_{t−1} + (θ_t − m_{t−1})/t`` in
       ``frozen["average_mean"]`` (float32), t in ``frozen["average_count"]``.
     """
+
     needs_full_weights: ClassVar[bool] = True
 
     name: Literal["average"]
@@ -390,6 +391,7 @@ class TaskArithmeticSpec(MethodSpecBase):
     stage ends on ``θ_b + λ S``. Task ``i`` is scored at row t with ``θ_b + λ Σ_{j ≤ t} τ_j``, the
     merge of the tasks seen so far. (Training each task from the previous merge instead, with its
     own delta as τ, is ``average`` with ``mode: interpolate`` and α = λ.)"""
+
     needs_full_weights: ClassVar[bool] = True
 
     name: Literal["task_arithmetic"]

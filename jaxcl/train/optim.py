@@ -47,7 +47,7 @@ def build_chain(
     list compiled to (memory needs).
     """
     schedule = lr_schedule(spec, total_steps, task_steps)
-    compiled = compile_methods(methods, learning_rate=schedule)
+    compiled = compile_methods(methods, learning_rate=schedule, weight_decay=spec.weight_decay)
     parts = list(compiled.front)
     if spec.clip_norm is not None:
         parts.append(optax.clip_by_global_norm(spec.clip_norm))

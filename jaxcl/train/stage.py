@@ -395,8 +395,9 @@ class StageRun:
             batch = self.ctx.put_batch(stream[k])
             mem = None
             if program.memory_grads:
-                # Before any memory exists, the current batch stands in (g·g_ref ≥ 0).
-                mem = self.ctx.put_batch(memory[k]) if memory is not None else batch
+                # Before any memory exists, the batch with every token masked out stands in:
+                # its gradient is zero, so a projection against it changes nothing.
+                mem = self.ctx.put_batch(memory[k] if memory is not None else unmasked(stream[k]))
             cursor.state, metrics = program.step_fn(cursor.state, batch, self.step_frozen, mem)
             if stepped:
                 self.carry = run_step_hooks(program.hooks, k, ctx, self.carry)
@@ -625,6 +626,11 @@ def run_stage(ctx, stage: StageSpec, params, parent: str | None, candidates=()) 
             run.end_task(t, score)
     cursor.record["seconds"] = round(time.perf_counter() - run.started, 2)
     return stage_result(stage, cursor.record, run.parent)
+
+
+def unmasked(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``batch`` with every loss mask zeroed: every objective's gradient on it is zero."""
+    return {k: np.zeros_like(v) if k.endswith("mask") else v for k, v in batch.items()}
 
 
 def _check_finite(pending, stage: StageSpec, task: TaskData, parent: str | None) -> None:
