@@ -527,7 +527,10 @@ class OgdSpec(MethodSpecBase):
 
     def estimates(self, ctx: Context, carry: Carry) -> dict[str, Any]:
         """``ogd_grads``: output gradients of ``per_task`` of the finished task's own examples,
-        at the parameters it ended with, stacked ``[per_task, *leaf.shape]``."""
+        at the parameters it ended with, stacked ``[per_task, *leaf.shape]``; none after the
+        stage's last task (no later task needs them, and the basis is sized without them)."""
+        if ctx.task.names and ctx.task.index == len(ctx.task.names) - 1:
+            return {"ogd_grads": []}
         params = ctx.trainable(carry)
         grads = jax.jit(partial(output_gradients, ctx.apply, output=self.output))
         parts, n = [], 0
