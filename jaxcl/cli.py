@@ -20,8 +20,8 @@ EXAMPLES = {
   jaxcl run RECIPE --coordinator host0:8476 --num-processes 2 --process-id 0""",
     "methods": "example:\n  jaxcl methods",
     "eval": """example:
-  jaxcl eval runs/quickstart/checkpoints/cit/240 recipes/quickstart.yaml
-  jaxcl eval runs/quickstart/checkpoints/cit/240 recipes/quickstart.yaml --json scores.json""",
+  jaxcl eval runs/quickstart/checkpoints/cit/120 recipes/quickstart.yaml
+  jaxcl eval runs/quickstart/checkpoints/cit/120 recipes/quickstart.yaml --json scores.json""",
     "report": "example:\n  jaxcl report runs/quickstart",
     "convert": """examples:
   jaxcl convert /path/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/smollm2-hf

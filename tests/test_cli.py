@@ -17,6 +17,9 @@ def test_methods_lists_the_catalog(capsys):
     out = capsys.readouterr().out
     for name in CATALOG:
         assert name in out
+    from jaxcl.methods.specs import method_names
+
+    assert list(CATALOG) == method_names()  # one line per recipe method, none missing
 
 
 @pytest.mark.parametrize("command", ["run", "eval", "methods", "report", "bench", "convert"])

@@ -33,7 +33,7 @@ MICRO = [
     "stages.0.eval_batch_size=16",
     "stages.1.eval_batch_size=16",
     "stages.2.eval_batch_size=16",
-    "stages.0.methods.0.fisher_batches=2",
+    "stages.0.methods.0.fisher_examples=16",
 ] + [
     f"stages.{s}.tasks.{t}.data.{field}={value}"
     for s, n in [(0, 2), (1, 3), (2, 1)]

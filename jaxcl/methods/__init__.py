@@ -1,8 +1,11 @@
 """Continual-learning methods as optax transforms, data ops and task-boundary functions.
 
 Gradient-side methods are factories returning ``optax.GradientTransformationExtraArgs`` whose
-state mirrors the parameter tree; compose them with :func:`chain` (a checked ``optax.chain``) or
-``optax.chain``: penalties and projections in front of the base optimizer, masks behind it.
+state mirrors the parameter tree; compose them with :func:`chain` (a checked ``optax.chain``):
+penalties in front of the base optimizer; RecAdam, the projections of the final update (A-GEM,
+OGD and GPM by default) and the masks behind it. Recipe methods are the ``*Spec`` classes
+(:class:`~jaxcl.methods.protocol.MethodSpecBase`), which declare their transform, estimates and
+task-boundary hooks (docs/methods.md).
 """
 
 from jaxcl.methods._tree import kernels, matches, skipped
@@ -10,29 +13,47 @@ from jaxcl.methods.activations import activation_covariance, layer_inputs
 from jaxcl.methods.catalog import CATALOG, MethodInfo
 from jaxcl.methods.compose import Behind, Front, chain, check_order, position, state_shardings
 from jaxcl.methods.consolidate import consolidate, register_consolidator, required_estimates
-from jaxcl.methods.gpm import GpmState, gpm, gpm_expand
+from jaxcl.methods.gpm import GpmSpec, GpmState, gpm, gpm_expand, gpm_expand_rows
+from jaxcl.methods.hma import HmaSpec, hma_merge, hma_ratios, layer_groups
 from jaxcl.methods.importance import fisher_diagonal, mas_importance
 from jaxcl.methods.isolate import (
+    FreezeSpec,
     FreezeState,
+    PackNetSpec,
     PackNetState,
+    find_state,
     freeze,
     packnet,
+    packnet_prune,
     packnet_task_params,
+    replace_state,
 )
+from jaxcl.methods.memory import PseudoSpec, ReplaySpec
 from jaxcl.methods.project import (
+    AgemSpec,
     AgemState,
+    OgdSpec,
     OgdState,
+    OLoraSpec,
     OLoraState,
     agem,
+    gram_schmidt_insert,
     o_lora,
     o_lora_penalty,
     ogd,
+    output_gradients,
 )
+from jaxcl.methods.protocol import Hook, MethodSpecBase
 from jaxcl.methods.regularize import (
+    EwcSpec,
     EwcState,
+    L2AnchorSpec,
     L2AnchorState,
+    MasSpec,
     MasState,
+    RecAdamSpec,
     RecAdamState,
+    SiSpec,
     SiState,
     ewc,
     l2_anchor,
@@ -41,8 +62,19 @@ from jaxcl.methods.regularize import (
     recadam_lambda,
     si,
 )
-from jaxcl.methods.softmask import SoftMaskState, normalized_importance, soft_mask
+from jaxcl.methods.softmask import (
+    SoftMaskSpec,
+    SoftMaskState,
+    normalized_importance,
+    refresh_soft_masks,
+    soft_mask,
+    unit_importance,
+)
 from jaxcl.methods.weights import (
+    AverageSpec,
+    ElasticResetSpec,
+    EmaSpec,
+    TaskArithmeticSpec,
     average,
     elastic_reset,
     ema,
@@ -53,21 +85,42 @@ from jaxcl.methods.weights import (
 
 __all__ = [
     "CATALOG",
+    "AgemSpec",
     "AgemState",
+    "AverageSpec",
     "Behind",
+    "ElasticResetSpec",
+    "EmaSpec",
+    "EwcSpec",
     "EwcState",
+    "FreezeSpec",
     "FreezeState",
     "Front",
+    "GpmSpec",
     "GpmState",
+    "HmaSpec",
+    "Hook",
+    "L2AnchorSpec",
     "L2AnchorState",
+    "MasSpec",
     "MasState",
     "MethodInfo",
+    "MethodSpecBase",
+    "OLoraSpec",
     "OLoraState",
+    "OgdSpec",
     "OgdState",
+    "PackNetSpec",
     "PackNetState",
+    "PseudoSpec",
+    "RecAdamSpec",
     "RecAdamState",
+    "ReplaySpec",
+    "SiSpec",
     "SiState",
+    "SoftMaskSpec",
     "SoftMaskState",
+    "TaskArithmeticSpec",
     "activation_covariance",
     "agem",
     "average",
@@ -77,13 +130,19 @@ __all__ = [
     "elastic_reset",
     "ema",
     "ewc",
+    "find_state",
     "fisher_diagonal",
     "freeze",
     "gpm",
     "gpm_expand",
+    "gpm_expand_rows",
+    "gram_schmidt_insert",
+    "hma_merge",
+    "hma_ratios",
     "interpolate",
     "kernels",
     "l2_anchor",
+    "layer_groups",
     "layer_inputs",
     "mas",
     "mas_importance",
@@ -92,12 +151,16 @@ __all__ = [
     "o_lora",
     "o_lora_penalty",
     "ogd",
+    "output_gradients",
     "packnet",
+    "packnet_prune",
     "packnet_task_params",
     "position",
     "recadam",
     "recadam_lambda",
+    "refresh_soft_masks",
     "register_consolidator",
+    "replace_state",
     "required_estimates",
     "si",
     "skipped",
@@ -105,4 +168,5 @@ __all__ = [
     "state_shardings",
     "task_arithmetic",
     "task_vector",
+    "unit_importance",
 ]

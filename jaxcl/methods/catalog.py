@@ -1,4 +1,9 @@
-"""The method catalog: every method a recipe can name, with its family and one line of help."""
+"""The method catalog: every method a recipe can name, with its family and one line of help.
+
+One entry per recipe method (:func:`jaxcl.methods.specs.method_names`); ``jaxcl methods`` prints
+it. The pure weight-space functions (``interpolate``, ``ema``, ``task_vector``...) are library
+functions, documented in docs/methods.md.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from dataclasses import dataclass
 class MethodInfo:
     name: str
     family: str
-    kind: str  # "transform" (optax), "data" (Grain op), "objective" or "function"
+    kind: str  # "transform" (optax), "data" (a memory mixed into batches) or "hooks" (weights)
     summary: str
     needs: tuple[str, ...] = ()  # estimates consolidate() needs at task boundaries
 
@@ -18,105 +23,133 @@ CATALOG: dict[str, MethodInfo] = {
     m.name: m
     for m in [
         MethodInfo(
-            "l2_anchor",
-            "regularization",
-            "transform",
-            "L2 pull toward the previous task's parameters: (lam/2) ‖θ − θ*‖².",
-        ),
-        MethodInfo(
             "ewc",
             "regularization",
             "transform",
-            "EWC: (lam/2) Σ F (θ − θ*)², diagonal Fisher; decay < 1 is online EWC.",
+            "EWC: Σ_t (lam/2) Σ F_t (θ − θ*_t)², per-example Fisher of each task's own examples "
+            "in 2 buffers; decay < 1: online EWC.",
             needs=("fisher",),
+        ),
+        MethodInfo(
+            "l2_anchor",
+            "regularization",
+            "transform",
+            "L2 pull toward the last task's end point: (lam/2) ‖θ − θ*‖².",
         ),
         MethodInfo(
             "mas",
             "regularization",
             "transform",
-            "Memory-aware synapses: (lam/2) Σ Ω (θ − θ*)², Ω = E|∂‖f(x)‖²/∂θ| (label-free).",
+            "MAS: lam Σ Ω (θ − θ*)², Ω = per-example mean |∂‖f(x)‖²/∂θ| (label-free), summed "
+            "over tasks.",
             needs=("mas_importance",),
         ),
         MethodInfo(
             "si",
             "regularization",
             "transform",
-            "Synaptic intelligence: importance from the online path integral −Σ g·Δθ, damped.",
+            "Synaptic intelligence: c Σ Ω (θ − θ*)², Ω from the online path integral −Σ g·Δθ "
+            "(pathint's clamp).",
         ),
         MethodInfo(
             "recadam",
             "regularization",
             "transform",
-            "RecAdam: λ(t) L + (1−λ(t)) (γ/2) ‖θ − θ*‖², recall term outside Adam.",
+            "RecAdam, right behind AdamW: Adam's step × λ(t), recall −η(1 − λ(t))γ(θ − θ*), "
+            "weight decay unscaled.",
         ),
         MethodInfo(
             "agem",
             "projection",
             "transform",
-            "A-GEM: project g off the replay gradient g_ref when g·g_ref < 0.",
+            "A-GEM: AdamW's final update projected so it cannot raise the replay-batch loss to "
+            "first order.",
         ),
         MethodInfo(
             "ogd",
             "projection",
             "transform",
-            "Orthogonal gradient descent: remove an orthonormal basis of old gradients, per leaf.",
+            "OGD: final update orthogonal, over the whole parameter vector, to per-example "
+            "output gradients of finished tasks.",
             needs=("ogd_grads",),
         ),
         MethodInfo(
             "gpm",
             "projection",
             "transform",
-            "Gradient projection memory: g ← (I − UUᵀ) g, U spans old layer inputs (energy ε).",
+            "GPM: final update ← (I − UUᵀ)·, U spans earlier tasks' layer inputs (energy ε); "
+            "lookups and tied head too.",
             needs=("gpm_covariance",),
         ),
         MethodInfo(
             "o_lora",
             "projection",
             "transform",
-            "O-LoRA: lam Σ |A_oldᵀ A| keeps each task's LoRA A orthogonal to earlier ones.",
+            "O-LoRA: lam Σ |A_oldᵀ A| keeps each task's LoRA A orthogonal to earlier tasks' "
+            "(a stage with lora:).",
         ),
         MethodInfo(
             "freeze",
             "isolation",
             "transform",
-            "Freeze the leaves a path regex selects (mask behind the optimizer).",
+            "Freeze the leaves a path regex selects: their final update is zeroed (behind AdamW).",
         ),
         MethodInfo(
             "packnet",
             "isolation",
             "transform",
-            "PackNet: prune free weights by magnitude per task, fix the rest (mask behind).",
+            "PackNet: train, prune by magnitude per layer, retrain, fix; each task scored with "
+            "its own mask.",
         ),
         MethodInfo(
             "soft_mask",
             "isolation",
             "transform",
-            "DAS-style soft mask: u ← u ⊙ (1 − |tanh(norm. importance)|), max over tasks.",
+            "DAS soft mask: updates of heads and FFN neurons × (1 − Î), Î from unit importance "
+            "incl. the starting model's.",
             needs=("soft_mask_importance",),
         ),
         MethodInfo(
             "replay",
             "replay",
             "data",
-            "Mix a ratio of earlier tasks' examples into the current stream (Grain op).",
+            "Replay: a reservoir of finished tasks' examples mixed into later batches; pseudo: "
+            "LAMOL's generated examples.",
         ),
         MethodInfo(
-            "interpolate",
-            "weights",
-            "function",
-            "Model averaging / interpolation (1 − α) θ_a + α θ_b; average(trees, weights).",
+            "ema",
+            "weight space",
+            "hooks",
+            "EMA of the weights after every step; tasks scored and the stage exported with it "
+            "(options).",
         ),
         MethodInfo(
             "elastic_reset",
-            "weights",
-            "function",
-            "EMA θ̄ ← dθ̄ + (1−d)θ, and elastic reset (θ, θ̄) ← (θ̄, θ₀).",
+            "weight space",
+            "hooks",
+            "Elastic Reset: EMA each step; every n steps the weights ← EMA and the EMA ← the "
+            "initial weights.",
+        ),
+        MethodInfo(
+            "average",
+            "weight space",
+            "hooks",
+            "Model averaging at each task end: (1 − α) θ_task_start + α θ, or the running mean "
+            "of task-end weights.",
         ),
         MethodInfo(
             "task_arithmetic",
-            "weights",
-            "function",
-            "Task-arithmetic merge θ_base + Σ λ_i (θ_i − θ_base).",
+            "weight space",
+            "hooks",
+            "Task arithmetic: each task fine-tuned from the stage start; θ_b + λ Σ τ_t at the "
+            "stage end.",
+        ),
+        MethodInfo(
+            "hma",
+            "weight space",
+            "hooks",
+            "HMA: per-layer-group merge α_k θ₀ + (1 − α_k) θ, ratios learned (or fixed), at the "
+            "stage end (or each task's).",
         ),
     ]
 }

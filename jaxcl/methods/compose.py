@@ -1,9 +1,13 @@
 """Where each method stands in a chain, and a checked ``optax.chain``.
 
-Penalties and projections act on the raw gradient, so they stand **in front** of the base
-optimizer (``chain(ewc, clip, adamw)``); masks and decoupled terms act on the final update, so
-they stand **behind** it (``chain(clip, adamw, packnet)``): a mask placed in front would still let
-AdamW's momentum and weight decay move the weights it protects.
+Penalties act on the raw gradient, so they stand **in front** of the base optimizer
+(``chain(ewc, clip, adamw)``). Projections whose promise is about the step actually taken
+(A-GEM, OGD, GPM: no first-order change of earlier tasks' loss or outputs), masks and decoupled
+terms act on the final update, so they stand **behind** it (``chain(clip, adamw, gpm,
+packnet)``): AdamW's per-coordinate scaling would put a projected gradient's update back into
+the protected directions, and a mask in front would still let momentum and weight decay move the
+weights it protects. A projection's ``project="gradient"`` gives the papers' literal form (exact
+under SGD), in front.
 
 Every jaxcl factory returns a :class:`Front` or :class:`Behind` (both are
 ``optax.GradientTransformationExtraArgs``), and :func:`chain` refuses a misplaced one.

@@ -106,8 +106,8 @@ def packnet(prune: float = 0.5, select: Select = kernels) -> Behind:
             params,
             flags,
         )
-        zero = jnp.zeros((), jnp.int32)
-        return PackNetState(owner, zero, zero, jnp.asarray(prune, jnp.float32))
+        tasks, phase = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)  # separate buffers
+        return PackNetState(owner, tasks, phase, jnp.asarray(prune, jnp.float32))
 
     def update(updates, state: PackNetState, params=None, **extra_args):
         del params, extra_args

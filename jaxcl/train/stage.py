@@ -9,7 +9,6 @@ and ``k``).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -18,7 +17,6 @@ from typing import Any
 import jax
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from jaxcl import checkpoint, parallel
 from jaxcl.data import batched_stream, encode_all
@@ -46,6 +44,7 @@ from jaxcl.objectives.reference import (
 from jaxcl.objectives.spec import stage_objective
 from jaxcl.recipe import STAGE_DATA_KIND, StageSpec
 from jaxcl.train.features import adapter_hooks, initial_frozen, objective_hooks, optimizer_hooks
+from jaxcl.train.monitor import Throughput, event_writer, progress_bar, throughput
 from jaxcl.train.optim import build_chain
 from jaxcl.train.step import TrainState, make_train_step, state_shardings_for
 
@@ -89,27 +88,21 @@ class StageProgram:
     hooks: list[Hook]
     view: EvalView | None
     methods: list[Any]  # the stage's method specs (their estimates run at every task end)
+    memory_owner: Any  # the method whose memory of finished tasks the stage keeps, or None
 
     def new_memory(self, seed: int, n_tasks: int) -> ReplayBuffer | None:
-        """The memory of finished tasks the first method that keeps one declares."""
-        for method in self.methods:
-            memory = method.new_memory(seed=seed, n_tasks=n_tasks)
-            if memory is not None:
-                return memory
-        return None
+        """The memory of finished tasks its owner (the first method keeping one) declares."""
+        owner = self.memory_owner
+        return owner.new_memory(seed=seed, n_tasks=n_tasks) if owner is not None else None
 
     def replay_ratio(self) -> Any:
         """The share of each batch drawn from the memory (its owner's)."""
-        for method in self.methods:
-            if method.new_memory(seed=0, n_tasks=1) is not None:
-                return method.replay_ratio()
-        return 0.0
+        return self.memory_owner.replay_ratio() if self.memory_owner is not None else 0.0
 
 
 def compile_stage(ctx, stage: StageSpec, params, total_steps: int) -> StageProgram:
-    tx, compiled = build_chain(
-        ctx.recipe.stage_optimizer(stage), total_steps, stage.methods, stage.steps_per_task
-    )
+    optimizer = ctx.recipe.stage_optimizer(stage)
+    tx, compiled = build_chain(optimizer, total_steps, stage.methods, stage.steps_per_task)
     model = ctx.model
     shardings = state_shardings_for(
         tx, params, ctx.param_shardings, parallel.replicated(ctx.mesh), split=model.split
@@ -125,7 +118,6 @@ def compile_stage(ctx, stage: StageSpec, params, total_steps: int) -> StageProgr
         accum_steps=stage.grad_accum,
         partition=(model.split, model.join) if model.lora is not None else None,
     )
-    optimizer = ctx.recipe.stage_optimizer(stage)
     hooks = [
         *objective_hooks(objective),
         *adapter_hooks(model),
@@ -143,6 +135,7 @@ def compile_stage(ctx, stage: StageSpec, params, total_steps: int) -> StageProgr
         hooks,
         compose_views(views),
         list(stage.methods),
+        next((m for m in stage.methods if m.new_memory(seed=0, n_tasks=1) is not None), None),
     )
 
 
@@ -207,65 +200,6 @@ def _generate_tool(ctx, stage: StageSpec) -> Any:
         )
 
     return generate
-
-
-@dataclass
-class Throughput:
-    """Tokens/s, step time and model FLOPs utilisation between two log points.
-
-    Training FLOPs are ``6·N`` per token (forward ``2N``, backward ``4N``; attention's share is
-    left out, as in the MFU convention of PaLM/MaxText for short sequences). The first interval
-    includes compilation.
-    """
-
-    tokens_per_step: int
-    flops_per_token: float
-    peak_flops: float | None  # of all devices together
-    last: float = field(default_factory=time.perf_counter)
-    steps: int = 0
-
-    def read(self) -> dict[str, float]:
-        now = time.perf_counter()
-        seconds, self.last = now - self.last, now
-        steps, self.steps = max(self.steps, 1), 0
-        tokens_per_s = steps * self.tokens_per_step / seconds
-        out = {"tokens_per_s": tokens_per_s, "step_seconds": seconds / steps}
-        if self.peak_flops:
-            out["mfu"] = self.flops_per_token * tokens_per_s / self.peak_flops
-        return out
-
-
-def _throughput(ctx, stage: StageSpec, params) -> Throughput:
-    pairs = 2 if stage.kind == "align" else 1  # chosen and rejected sequences
-    n_params = sum(x.size for x in jax.tree.leaves(params))
-    peak = ctx.recipe.peak_flops_per_device
-    return Throughput(
-        tokens_per_step=stage.batch_size * stage.seq_len * pairs,
-        flops_per_token=6.0 * n_params,
-        peak_flops=peak * ctx.mesh.size if peak else None,
-    )
-
-
-def _event_writer(folder, stage_name: str):
-    """TensorBoard event files under ``OUT/tensorboard/<stage>`` (primary process only)."""
-    from tensorboardX import SummaryWriter
-
-    if not parallel.is_primary():
-        return contextlib.nullcontext()
-    return SummaryWriter(str(folder / stage_name), flush_secs=10)
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    )
 
 
 @dataclass
@@ -612,12 +546,12 @@ def run_stage(ctx, stage: StageSpec, params, parent: str | None, candidates=()) 
         }
     run = StageRun(ctx, stage, program, tasks, cursor, parent)
     run.started = time.perf_counter() - cursor.record["seconds"]
-    run.speed = _throughput(ctx, stage, like)
+    run.speed = throughput(ctx, stage, like)
     start_task, start_step = cursor.task, cursor.task_step
     with (
-        _progress(ctx.console) as progress,
+        progress_bar(ctx.console) as progress,
         (ctx.out / "metrics.jsonl").open("a", buffering=1) as run.log,
-        _event_writer(ctx.out / "tensorboard", stage.name) as run.events,
+        event_writer(ctx.out / "tensorboard", stage.name) as run.events,
     ):
         bar = progress.add_task(stage.name, total=total_steps, loss="-")
         progress.advance(bar, start_task * stage.steps_per_task + start_step)
