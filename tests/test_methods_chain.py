@@ -168,10 +168,11 @@ def check(state, when):
         n += 1
     return n
 check(state, "init")
-# every parameter-shaped leaf follows its parameter's sharding and dtype
+# every parameter-shaped leaf follows its parameter's sharding; importances and path integrals
+# accumulate in float32 whatever the parameters' dtype
 for name, leaf in [("ewc", state[1].fisher), ("si", state[0].path)]:
     for x, p in zip(jax.tree.leaves(leaf), jax.tree.leaves(params)):
-        assert x.dtype == p.dtype, (name, x.shape, x.dtype)
+        assert x.shape == p.shape and x.dtype == jnp.float32, (name, x.shape, x.dtype)
         assert x.sharding.spec == p.sharding.spec, (name, x.shape, x.sharding.spec)
 # OGD's basis: a float32 [k, *shape] stack per leaf, sharded as its parameter on the trailing axes
 ogd_state = next(s for s in state if type(s).__name__ == "OgdState")

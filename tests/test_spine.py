@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from jaxcl import checkpoint
@@ -92,7 +93,9 @@ def test_cit_learns_and_cpt_reports_per_domain_perplexity(quickstart):
     assert cit["metric"] == "exact_match"
     for i in range(3):
         assert cit["R"][i][i] >= cit["baseline"][i] + 0.5
-    assert align["R"][0][0] > align["baseline"][0]
+    # DPO starts at ln 2 (the policy is its reference) and learns the preferences
+    assert align["R"][0][0] >= align["baseline"][0]
+    assert align["losses"][-1]["loss"] < 0.5 * np.log(2)
 
 
 def test_each_stage_starts_from_the_previous_stage_checkpoint(quickstart):
@@ -141,18 +144,27 @@ def test_eval_scores_a_checkpoint_like_the_run_did(quickstart, tmp_path):
 
 @pytest.mark.slow
 def test_the_quickstart_compares_replay_with_plain_fine_tuning(quickstart):
-    """Issue 8: the quickstart's `compare:` runs plain fine-tuning beside replay; replay's BWT on
-    the instruction stage is the higher, and the shared pretraining stage was not rerun."""
+    """The quickstart's `compare:` reruns every stage with plain fine-tuning: EWC's forgetting of
+    the first domain (nats of log-perplexity) is far below plain fine-tuning's, and replay's BWT
+    on the instruction stage is the higher."""
     out, results, stdout = quickstart
     rows = {r["variant"]: r for r in json.loads((out / "comparison.json").read_text())["variants"]}
     assert set(rows) == {"base", "plain"}
-    replay, plain = rows["base"]["stages"]["cit"]["bwt"], rows["plain"]["stages"]["cit"]["bwt"]
-    print(f"\nCIT BWT: replay {replay:.3f}, plain fine-tuning {plain:.3f}")
-    assert replay > plain
-    assert rows["plain"]["shared_stages"] == ["cpt"]
+    ewc, plain_cpt = rows["base"]["stages"]["cpt"], rows["plain"]["stages"]["cpt"]
     variant = json.loads((out / "compare/plain/results.json").read_text())
-    assert (
-        variant["stages"][0]["final_params_sha256"] == results["stages"][0]["final_params_sha256"]
+    r_ewc, r_plain = np.log(results["stages"][0]["R"]), np.log(variant["stages"][0]["R"])
+    # forgetting is the rise of the first domain's log-perplexity, in nats
+    assert ewc["forgetting"] == pytest.approx(r_ewc[1][0] - r_ewc[0][0])
+    assert plain_cpt["forgetting"] == pytest.approx(r_plain[1][0] - r_plain[0][0])
+    print(
+        f"\nCPT forgetting (nats): EWC {ewc['forgetting']:.3f}, plain {plain_cpt['forgetting']:.3f}"
     )
+    assert ewc["forgetting"] < 0.5 * plain_cpt["forgetting"]
+    assert r_ewc[1][1] < r_ewc[0][1] - 1.0  # ... and the second domain was still learned
+    replay, plain = rows["base"]["stages"]["cit"]["bwt"], rows["plain"]["stages"]["cit"]["bwt"]
+    print(f"CIT BWT: replay {replay:.3f}, plain fine-tuning {plain:.3f}")
+    assert replay > plain
+    assert rows["plain"]["shared_stages"] == []  # its cpt differs: nothing to reuse
+    assert "nats" in (out / "report.md").read_text()
     assert "comparison of variants" in stdout
     assert "## Comparison of variants" in (out / "report.md").read_text()

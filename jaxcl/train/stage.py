@@ -243,7 +243,13 @@ class StageRun:
 
     @carry.setter
     def carry(self, carry: Carry) -> None:
-        self.cursor.state, self.cursor.frozen, self.cursor.buffer = carry
+        state, self.cursor.frozen, self.cursor.buffer = carry
+        self.cursor.state = self.placed(state)
+
+    def placed(self, state: TrainState) -> TrainState:
+        """``state`` on the shardings the step was compiled for: what a hook or a consolidate
+        computed outside the step (an estimate, a prune) may come back laid out otherwise."""
+        return jax.device_put(state, self.program.shardings)
 
     def seed(self, t: int) -> int:
         return self.ctx.recipe.seed * 1_000_003 + t
@@ -252,8 +258,12 @@ class StageRun:
         """What task ``t``'s hooks and estimators see (:class:`jaxcl.methods.protocol.Context`):
         the objective and model on the trainable part, the task's own batches, the tools."""
         ctx, stage, task, model = self.ctx, self.stage, self.tasks[t], self.program.model
-        loss = self.program.objective.scalar(self.step_frozen)
+        objective = self.program.objective
         fixed = lambda: model.split(self.cursor.state.params)[1]  # noqa: E731
+
+        def loss(p, batch):  # the frozen trees as they are when called (task_start hooks ran)
+            return objective.scalar(self.step_frozen)(model.join(p, fixed()), batch)
+
 
         def own_batches(n: int):
             stream = batched_stream(
@@ -284,7 +294,7 @@ class StageRun:
         }
         return Context(
             info,
-            lambda p, batch: loss(model.join(p, fixed()), batch),
+            loss,
             lambda p, inputs: ctx.apply(model.join(p, fixed()), inputs),
             model.split,
             model.join,
@@ -373,7 +383,7 @@ class StageRun:
             estimates.update(method.estimates(ctx, self.carry))
         trainable = ctx.trainable(self.carry)
         opt_state = consolidate(cursor.state.opt_state, params=trainable, **estimates)
-        cursor.state = cursor.state._replace(opt_state=opt_state)
+        cursor.state = self.placed(cursor.state._replace(opt_state=opt_state))
         for phase in END_PHASES:
             self.carry = run_hooks(program.hooks, phase, ctx, self.carry)
         stage_dir = self.ctx.out / "checkpoints" / self.stage.name
