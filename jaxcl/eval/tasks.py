@@ -196,28 +196,6 @@ def _keep_tail(ids: list[int], limit: int, bos: int | None) -> list[int]:
     return ids[len(ids) - limit :]
 
 
-def greedy_texts(
-    graphdef: Any,
-    params: Any,
-    tokenizer: Any,
-    prompts: Sequence[list[int]],
-    *,
-    max_new_tokens: int,
-    batch_size: int,
-    seq_len: int | None = None,
-) -> list[str]:
-    """Greedy continuations of ``prompts`` (token ids): :func:`continuations` at temperature 0."""
-    return continuations(
-        graphdef,
-        params,
-        tokenizer,
-        prompts,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        seq_len=seq_len,
-    )
-
-
 def continuations(
     graphdef: Any,
     params: Any,
@@ -273,6 +251,10 @@ def continuations(
             ids = [t for t in row[:end] if known is None or t < known]
             texts.append(tokenizer.decode(ids, skip_special_tokens=True))
     return texts
+
+
+#: greedy continuations: :func:`continuations` at its default temperature 0
+greedy_texts = continuations
 
 
 def tokenizer_size(tokenizer: Any) -> int | None:

@@ -264,7 +264,6 @@ class StageRun:
         def loss(p, batch):  # the frozen trees as they are when called (task_start hooks ran)
             return objective.scalar(self.step_frozen)(model.join(p, fixed()), batch)
 
-
         def own_batches(n: int):
             stream = batched_stream(
                 self.annotate(task.train),
