@@ -18,6 +18,9 @@ EXAMPLES = {
   jaxcl run recipes/quickstart.yaml 'stages.0.methods=[{name: l2_anchor, lam: 1.0}]'
   # two processes (on a pod or cluster, JAXCL_DISTRIBUTED=auto detects them instead):
   jaxcl run RECIPE --coordinator host0:8476 --num-processes 2 --process-id 0""",
+    "prepare": """examples:
+  jaxcl prepare recipes/trace.yaml           # tokenize every file-sourced task once
+  jaxcl prepare recipes/trace.yaml model.source=/models/smollm2-hf --force""",
     "methods": "example:\n  jaxcl methods",
     "eval": """example:
   jaxcl eval runs/quickstart/checkpoints/cit/120 recipes/quickstart.yaml
@@ -68,6 +71,18 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("recipe", help="the recipe whose tasks (and model) to use")
     evaluate.add_argument("overrides", nargs="*", help="key.path=value overrides")
     evaluate.add_argument("--json", help="also write the scores to this JSON file")
+
+    prepare = sub.add_parser(
+        "prepare",
+        help="tokenize a recipe's file-sourced tasks once into ArrayRecord shards beside the data",
+        epilog=EXAMPLES["prepare"],
+        formatter_class=fmt,
+    )
+    prepare.add_argument("recipe", help="path to a recipe YAML file")
+    prepare.add_argument("overrides", nargs="*", help="key.path=value overrides of recipe fields")
+    prepare.add_argument(
+        "--force", action="store_true", help="re-tokenize even where the prepared data is fresh"
+    )
 
     sub.add_parser(
         "methods", help="list the method catalog", epilog=EXAMPLES["methods"], formatter_class=fmt
@@ -135,6 +150,19 @@ def _run(args: argparse.Namespace) -> int:
     run_with_variants(recipe, overwrite=args.overwrite)
     if parallel.is_primary():
         print(f"report: {write_report(recipe.out_dir)}")
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from jaxcl.data.prepare import prepare_recipe
+    from jaxcl.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    # progress bars on stderr, so stdout holds only the one line per task
+    for summary in prepare_recipe(recipe, Console(stderr=True), force=args.force):
+        print(summary.line())
     return 0
 
 
@@ -228,7 +256,8 @@ def _convert(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command in ("run", "eval"):  # overrides may follow options: run R --dry-run a.b=1
+    # overrides may follow options: run R --dry-run a.b=1
+    if args.command in ("run", "eval", "prepare"):
         args.overrides += [x for x in extra if "=" in x and not x.startswith("-")]
         extra = [x for x in extra if x not in args.overrides]
     if extra:
@@ -238,6 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     handlers = {
         "run": _run,
+        "prepare": _prepare,
         "methods": _methods,
         "report": _report,
         "bench": _bench,

@@ -14,10 +14,13 @@ import numpy as np
 from jax.sharding import AbstractMesh, AxisType
 
 from jaxcl import parallel
+from jaxcl.data.budget import task_budget
+from jaxcl.data.prepare import model_tokenizer
 from jaxcl.methods import state_shardings
 from jaxcl.objectives.spec import stage_objective
 from jaxcl.recipe import Recipe
 from jaxcl.train.adapters import StageModel
+from jaxcl.train.data import task_seed
 from jaxcl.train.optim import build_chain
 
 
@@ -51,11 +54,11 @@ def plan(recipe: Recipe, devices: int | None = None) -> dict[str, Any]:
     shardings = parallel.tree_shardings(names, params, mesh, rules)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
     stages = []
+    tokenizer = model_tokenizer(recipe.model)
     for stage in recipe.stages:
-        total = stage.steps_per_task * len(stage.tasks)
-        tx, _ = build_chain(
-            recipe.stage_optimizer(stage), total, stage.methods, stage.steps_per_task
-        )
+        tasks = task_budgets(recipe, stage, tokenizer)
+        total = sum(t["steps"] for t in tasks)
+        tx, _ = build_chain(recipe.stage_optimizer(stage), total, stage.methods)
         tree, tree_sh = params, shardings
         if stage.lora is not None:  # the stage trains adapters: they join the tree
             model = StageModel.build(recipe.model, stage.lora)
@@ -79,6 +82,8 @@ def plan(recipe: Recipe, devices: int | None = None) -> dict[str, Any]:
                 "objective": list(objective.terms),
                 "steps": total,
                 "tokens": total * stage.batch_size * stage.seq_len,
+                "packing": stage.row_packing,
+                "task_budgets": tasks,
                 "params_bytes_per_device": tree_bytes,
                 "opt_state_bytes_per_device": per_device_bytes(opt, opt_sh),
                 "frozen_bytes_per_device": frozen * tree_bytes,
@@ -92,6 +97,34 @@ def plan(recipe: Recipe, devices: int | None = None) -> dict[str, Any]:
         "devices": mesh.size,
         "stages": stages,
     }
+
+
+def task_budgets(recipe: Recipe, stage: Any, tokenizer: Any) -> list[dict[str, Any]]:
+    """Each task's steps, tokens, where its budget came from, and its peak learning rate (an
+    ``epochs`` budget over packed rows counts the documents' tokens: one pass of the data)."""
+    out = []
+    for t, task in enumerate(stage.tasks):
+        docs = task.data.documents(tokenizer, stage.seq_len)
+        budget = task_budget(
+            task,
+            stage.steps_per_task,
+            docs=docs,
+            packing=stage.row_packing,
+            batch_size=stage.batch_size,
+            seq_len=stage.seq_len,
+            seed=task_seed(recipe, t),
+        )
+        out.append(
+            {
+                "task": task.name,
+                "steps": budget.steps,
+                "tokens": budget.tokens,
+                "budget": budget.given,
+                "documents": len(docs),
+                "lr": recipe.task_optimizer(stage, task).lr,
+            }
+        )
+    return out
 
 
 def format_plan(p: dict[str, Any]) -> str:
@@ -111,4 +144,15 @@ def format_plan(p: dict[str, Any]) -> str:
             f"{s['tokens']:,} | {gib(s['params_bytes_per_device'])} | "
             f"{gib(s['opt_state_bytes_per_device'])} | {gib(s['frozen_bytes_per_device'])} |"
         )
+    lines += [
+        "",
+        "| stage | task | budget | steps | tokens | documents | lr |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in p["stages"]:
+        for t in s["task_budgets"]:
+            lines.append(
+                f"| {s['name']} | {t['task']} | {t['budget']} | {t['steps']} | "
+                f"{t['tokens']:,} | {t['documents']:,} | {t['lr']:g} |"
+            )
     return "\n".join(lines)

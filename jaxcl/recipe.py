@@ -69,12 +69,47 @@ METRIC_HELP = (
 )
 
 
+#: what a task's ``optimizer:`` may override (the schedule; the chain itself is the stage's)
+TASK_OPTIMIZER_FIELDS = ("lr", "warmup_steps", "schedule", "end_lr_factor")
+
+
 class TaskSpec(Strict):
     name: str
     data: DataSpec
     metric: str | None = Field(
         None, description=f"how the task is scored (default: the stage's metric): {METRIC_HELP}"
     )
+    steps: int | None = Field(None, ge=1, description="this task's steps (default: the stage's)")
+    epochs: float | None = Field(
+        None, gt=0, description="train on this many passes over the task's documents"
+    )
+    tokens: int | None = Field(
+        None, ge=1, description="train on this many input tokens (steps × batch × seq_len)"
+    )
+    optimizer: dict[str, Any] = Field(
+        default_factory=dict,
+        description="overrides of the stage's learning-rate schedule for this task: "
+        + ", ".join(TASK_OPTIMIZER_FIELDS),
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _one_budget(self) -> TaskSpec:
+        given = [k for k in ("steps", "epochs", "tokens") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of steps, epochs or tokens, got {given}")
+        unknown = set(self.optimizer) - set(TASK_OPTIMIZER_FIELDS)
+        if unknown:
+            raise ValueError(
+                f"optimizer: {', '.join(sorted(unknown))} cannot change per task; a task may "
+                f"override {', '.join(TASK_OPTIMIZER_FIELDS)} (the rest is the stage's)"
+            )
+        try:
+            OptimizerSpec(**self.optimizer)
+        except pydantic.ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(x) for x in first["loc"])
+            raise ValueError(f"optimizer.{where}: {first['msg']}") from None
+        return self
 
     @pydantic.field_validator("metric")
     @classmethod
@@ -87,8 +122,11 @@ class TaskSpec(Strict):
     @pydantic.model_serializer(mode="wrap")
     def _dump(self, handler: Any) -> dict[str, Any]:
         data = handler(self)
-        if self.metric is None:  # recipes without per-task metrics dump as before
-            data.pop("metric", None)
+        for key in ("metric", "steps", "epochs", "tokens"):  # unset: dumps as before
+            if getattr(self, key) is None:
+                data.pop(key, None)
+        if not self.optimizer:
+            data.pop("optimizer", None)
         return data
 
 
@@ -101,7 +139,13 @@ class StageSpec(Strict):
     kind: Literal["pretrain", "instruct", "align"]
     tasks: list[TaskSpec] = Field(min_length=1)
     methods: list[MethodSpec] = []
-    steps_per_task: int = Field(ge=1)
+    steps_per_task: int = Field(ge=1, description="steps of a task that gives no budget")
+    packing: Literal["none", "concat", "segments"] | None = Field(
+        None,
+        description="how documents become rows: concat (joined with eos, cut into rows; no "
+        "token dropped; default of pretrain stages), segments (whole documents per row, "
+        "attention kept inside each), none (one truncated row per document; default otherwise)",
+    )
     batch_size: int = Field(ge=1)
     seq_len: int = Field(ge=8)
     eval_batch_size: int = Field(64, ge=1)
@@ -169,7 +213,17 @@ class StageSpec(Strict):
             except ValueError as err:
                 raise ValueError(f"methods[{i}] ({method.name}): {err}") from None
         OptimizerSpec(**self.optimizer)  # an unknown or mistyped override fails here
+        if self.kind == "align" and self.packing not in (None, "none"):
+            raise ValueError(
+                f"packing: {self.packing} packs documents; preference pairs (align stages) "
+                "take packing: none"
+            )
         return self
+
+    @property
+    def row_packing(self) -> str:
+        """The packing in force: the given one, else concat for pretraining, else none."""
+        return self.packing or ("concat" if self.kind == "pretrain" else "none")
 
     @pydantic.field_validator("metric")
     @classmethod
@@ -216,6 +270,8 @@ class StageSpec(Strict):
             data.pop("dpo", None)
         if self.lora is None:
             data.pop("lora", None)
+        if self.packing is None:
+            data.pop("packing", None)
         return data
 
     def method(self, name: str) -> Any:
@@ -273,6 +329,13 @@ class Recipe(Strict):
     def stage_optimizer(self, stage: StageSpec) -> OptimizerSpec:
         return self.optimizer.model_copy(
             update=OptimizerSpec(**stage.optimizer).model_dump(include=set(stage.optimizer))
+        )
+
+    def task_optimizer(self, stage: StageSpec, task: TaskSpec) -> OptimizerSpec:
+        """The stage's optimizer with ``task``'s schedule overrides."""
+        base = self.stage_optimizer(stage)
+        return base.model_copy(
+            update=OptimizerSpec(**task.optimizer).model_dump(include=set(task.optimizer))
         )
 
     def fingerprint(self, stages: int | None = None) -> str:

@@ -29,14 +29,16 @@ class Tokenizer(Protocol):
 
 
 def _pack(
-    prefix: list[int], target: list[int], seq_len: int, pad: int = 0
+    prefix: list[int], target: list[int], seq_len: int | None, pad: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     return _fixed(prefix + target, [0] * len(prefix) + [1] * len(target), seq_len, pad)
 
 
 def _fixed(
-    ids: list[int], mask: list[int], seq_len: int, pad: int
+    ids: list[int], mask: list[int], seq_len: int | None, pad: int
 ) -> tuple[np.ndarray, np.ndarray]:
+    if seq_len is None:  # a whole document: neither cut nor padded
+        return np.asarray(ids, np.int32), np.asarray(mask, np.int8)
     ids, mask = ids[: seq_len + 1], mask[: seq_len + 1]
     tokens = np.full(seq_len + 1, pad, np.int32)
     loss_mask = np.zeros(seq_len + 1, np.float32)
@@ -69,7 +71,7 @@ def encode_example(
 
 
 def encode_all(
-    examples: Sequence[dict[str, Any]], kind: str, tokenizer: Tokenizer, seq_len: int
+    examples: Sequence[dict[str, Any]], kind: str, tokenizer: Tokenizer, seq_len: int | None
 ) -> list[dict[str, np.ndarray]]:
     """Encode many examples; every text field is tokenized in one batched tokenizer call."""
     if kind not in KINDS:
@@ -119,6 +121,22 @@ def encode_all(
             enc[f"{side}_tokens"], enc[f"{side}_mask"] = tokens, mask
         out.append(enc)
     return out
+
+
+def encode_documents(
+    examples: Sequence[dict[str, Any]], kind: str, tokenizer: Tokenizer
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Whole ``text`` / ``instruction`` examples as ``(ids int32, mask int8)`` pairs, neither
+    padded nor truncated: ``bos? text eos`` (mask on ``text eos``) or ``bos? prompt response eos``
+    (mask on ``response eos``), the layout :func:`encode_all` cuts to ``seq_len + 1``.
+
+    This is what packing (:mod:`jaxcl.data.stream`) and prepared shards
+    (:mod:`jaxcl.data.prepare`) hold per document.
+    """
+    if kind not in ("text", "instruction"):
+        raise ValueError(f"documents are text or instruction examples, not {kind!r}")
+    rows = encode_all(examples, kind, tokenizer, seq_len=None)
+    return [(r["tokens"], r["loss_mask"]) for r in rows]
 
 
 Ratio = float | Callable[[int], float]

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import grain
+import numpy as np
 import pydantic
 from pydantic import Field
 
@@ -229,6 +230,11 @@ class DataSpec(Strict):
     train_size: int = Field(512, ge=1)
     eval_size: int = Field(64, ge=1)
     seed: int = 0
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error",
+        description="a malformed or incomplete record stops the run naming file and line "
+        "(error), or is skipped and counted in results.json and the report (skip)",
+    )
 
     @pydantic.field_validator("bundled")
     @classmethod
@@ -253,6 +259,8 @@ class DataSpec(Strict):
         for key in ("bundled", "source"):
             if getattr(self, key) is None:
                 data.pop(key, None)
+        if self.on_bad_row == "error":
+            data.pop("on_bad_row", None)
         return data
 
     @property
@@ -281,17 +289,61 @@ class DataSpec(Strict):
         return examples
 
     def _held_out(self, split: str) -> list[dict[str, Any]]:
-        every = self.source.examples("train")  # type: ignore[union-attr]
-        if len(every) <= self.eval_size:
+        source = self.source.source("train")  # type: ignore[union-attr]
+        if split == "eval":
+            return [source[int(i)] for i in self._holdout(len(source))]
+        rows = self.train_rows()
+        return [source[int(rows[i])] for i in range(len(rows))]
+
+    def _holdout(self, n: int) -> np.ndarray:
+        """The source rows held out for eval (sorted), a seeded draw of ``eval_size``."""
+        if n <= self.eval_size:
             raise ValueError(
-                f"data: the source has {len(every)} training examples and no eval location; "
+                f"data: the source has {n} training examples and no eval location; "
                 f"holding out eval_size={self.eval_size} would leave none to train on "
                 "(give source.eval or a smaller eval_size)"
             )
-        order = list(range(len(every)))
-        random.Random(f"holdout/{self.seed}").shuffle(order)
-        chosen = order[: self.eval_size] if split == "eval" else sorted(order[self.eval_size :])
-        return [every[i] for i in chosen]
+        drawn = random.Random(f"holdout/{self.seed}").sample(range(n), self.eval_size)
+        return np.sort(np.asarray(drawn, np.int64))
+
+    def train_rows(self) -> TrainRows:
+        """The source rows the task trains on, lazily: every row, less the held-out ones when
+        the source has no eval location, capped at ``train_size`` when given."""
+        src = self.source
+        assert src is not None
+        n = len(src.source("train"))
+        held = np.zeros(0, np.int64) if src.has_split("eval") else self._holdout(n)
+        cap = self.train_size if "train_size" in self.model_fields_set else None
+        return TrainRows(n, held, cap)
+
+    def documents(self, tokenizer: Any, seq_len: int) -> Any:
+        """The training split as a :class:`~jaxcl.data.stream.DocumentSource`: read and
+        tokenized row by row (never loaded whole), or from ``jaxcl prepare``'s shards."""
+        from jaxcl.data.stream import PreparedDocuments, TokenizedDocuments
+
+        skip = self.on_bad_row == "skip"
+        if self.bundled is not None:
+            examples = self.load("train")
+            return TokenizedDocuments(examples, self.kind, tokenizer, seq_len=seq_len)
+        rows = self.train_rows()
+        if self.kind != "preference":
+            from jaxcl.data.prepare import open_prepared
+
+            prepared = open_prepared(self, tokenizer)
+            if prepared is not None:
+                return PreparedDocuments(prepared, self.kind, rows=rows)
+        examples = self.source.source("train")  # type: ignore[union-attr]
+        return TokenizedDocuments(
+            examples, self.kind, tokenizer, seq_len=seq_len, rows=rows, skip=skip
+        )
+
+    def sample(self, n: int = 16) -> list[dict[str, Any]]:
+        """The first ``n`` training examples, validated: what a recipe check reads of a source
+        (its schema and a sample, never the whole corpus)."""
+        if self.bundled is not None:
+            return self.load("train")[:n]
+        source = self.source.source("train")  # type: ignore[union-attr]
+        return source.sample(n) if hasattr(source, "sample") else [source[i] for i in range(n)]
 
     def dataset(self, split: str) -> grain.MapDataset:
         """The examples of ``split`` as a Grain ``MapDataset`` (lazy for file sources)."""
@@ -300,3 +352,22 @@ class DataSpec(Strict):
             cap = "train_size" if split == "train" else "eval_size"
             return ds[: getattr(self, cap)] if cap in self.model_fields_set else ds
         return grain.MapDataset.source(self.load(split))
+
+
+class TrainRows:
+    """Row ``i`` of a source's training split: the ``i``-th row not held out (``O(log k)`` by a
+    search over the ``k`` held-out rows, so a corpus of any size costs ``k`` integers)."""
+
+    def __init__(self, n: int, held: np.ndarray, cap: int | None = None) -> None:
+        self.n, self.held = int(n), np.asarray(held, np.int64)
+        self._shifted = self.held - np.arange(len(self.held))
+        self.size = self.n - len(self.held) if cap is None else min(cap, self.n - len(held))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> int:
+        i = int(i)
+        if not 0 <= i < self.size:
+            raise IndexError(f"training row {i} outside 0..{self.size - 1}")
+        return i + int(np.searchsorted(self._shifted, i, side="right"))

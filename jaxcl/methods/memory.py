@@ -47,7 +47,8 @@ _DATA_KIND = {
 def remember_task(ctx: Context, carry: Carry) -> Carry:
     """Phase ``memory``: the finished task's own examples go into the memory."""
     task = ctx.task
-    carry.buffer.add_task(task.name, list(task.examples), instructions=list(task.instructions))
+    # the task's rows stream by (read again, never held whole): algorithm R keeps a sample
+    carry.buffer.add_task(task.name, task.examples, instructions=list(task.instructions))
     return carry
 
 

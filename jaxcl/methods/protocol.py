@@ -33,6 +33,7 @@ import jax
 import optax
 
 from jaxcl.methods.compose import Position
+from jaxcl.objectives.bound import row_inputs
 from jaxcl.spec import Strict
 
 Phase = Literal["task_start", "step", "fold", "renew", "memory", "merge"]
@@ -232,7 +233,7 @@ def model_inputs(batch: dict[str, Any]) -> Any:
     """The token ids a batch feeds the model (LM: ``tokens[:, :-1]``; preference: both
     responses)."""
     if "tokens" in batch:
-        return batch["tokens"][:, :-1]
+        return row_inputs(batch)
     if "chosen_tokens" in batch:
         tokens = jax.numpy.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]], axis=0)
         return tokens[:, :-1]

@@ -53,7 +53,7 @@ def lm_objective(apply: Callable[..., jax.Array]) -> Objective:
     def loss_fn(params, batch: Batch, frozen) -> tuple[jax.Array, Metrics]:
         del frozen
         tokens = batch["tokens"]
-        logits = apply(params, tokens[:, :-1])
+        logits = apply(params, row_inputs(batch))
         loss = causal_lm_loss(logits, tokens[:, 1:], batch["loss_mask"][:, 1:])
         return loss, {"loss": loss}
 
@@ -105,3 +105,17 @@ def dpo_objective(
         return loss, {"loss": loss, **metrics}
 
     return Objective(loss_fn, frozen=("reference",))
+
+
+def row_inputs(batch: Batch, tokens: jax.Array | None = None) -> Any:
+    """What a batch of rows feeds the model: ``tokens[:, :-1]``, or for packed rows (with
+    ``segment_ids``) a dict adding their ``positions`` and ``segment_ids`` (attention kept
+    inside each document, rotary positions restarting)."""
+    tokens = batch["tokens"] if tokens is None else tokens
+    if "segment_ids" not in batch:
+        return tokens[:, :-1]
+    return {
+        "input_ids": tokens[:, :-1],
+        "positions": batch["positions"][:, :-1],
+        "segment_ids": batch["segment_ids"][:, :-1],
+    }

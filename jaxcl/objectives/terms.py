@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxcl.objectives.bound import Batch, Metrics, Objective
+from jaxcl.objectives.bound import Batch, Metrics, Objective, row_inputs
 from jaxcl.objectives.lm import token_logps
 from jaxcl.objectives.preference import (
     LENGTH_AVERAGED_KINDS,
@@ -66,7 +66,7 @@ class Pass:
         else:
             tokens, mask = batch["tokens"], batch["loss_mask"]
             self.half = tokens.shape[0]
-        self.inputs, self.targets = tokens[:, :-1], tokens[:, 1:]
+        self.inputs, self.targets = row_inputs(batch, tokens), tokens[:, 1:]
         self.mask = mask[:, 1:].astype(jnp.float32)
         self._logits: dict[str, jax.Array] = {}
         self._raw: dict[str, jax.Array] = {}

@@ -21,6 +21,7 @@ import numpy as np
 from rich.console import Console
 
 from jaxcl import checkpoint, parallel
+from jaxcl.data.distributed import global_batch
 from jaxcl.eval import make_batch_scorer
 from jaxcl.eval.probes import score_probes
 from jaxcl.eval.tasks import ModelScorer
@@ -60,7 +61,14 @@ class RunContext:
         return parallel.batch_sharding(self.mesh, self.rules)
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """A whole global batch (every process holds all of it) on the mesh."""
         return parallel.put_global(batch, self.batch_sharding)
+
+    def put_rows(self, rows: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's block of a global batch (a task stream's rows) on the mesh."""
+        if jax.process_count() == 1:
+            return self.put_batch(rows)
+        return global_batch(rows, self.batch_sharding)
 
     def for_stage(self, stage: StageSpec) -> StageContext:
         """The context a stage runs in: the plain model, or the model with LoRA adapters."""
@@ -137,6 +145,9 @@ class StageContext:
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return self.run.put_batch(batch)
+
+    def put_rows(self, rows: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return self.run.put_rows(rows)
 
     def restore_model(self, step_dir: Path) -> Any:
         return self.run.restore_model(step_dir)

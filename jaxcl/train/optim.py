@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxcl.methods.compose import chain as jaxcl_chain
@@ -36,17 +39,40 @@ def lr_schedule(
     return lambda count: shape(count % period)
 
 
+def task_schedule(tasks: Sequence[tuple[OptimizerSpec, int]]) -> optax.Schedule:
+    """The stage's rate over tasks of their own length and optimizer: task ``t`` (``spec_t``,
+    ``S_t`` steps) owns steps ``[Σ_{s<t} S_s, Σ_{s≤t} S_s)``. When every task shares one
+    optimizer with ``rewarm: stage``, one shape spans the stage (:func:`lr_schedule`); otherwise
+    each task runs its own warm-up and decay over its ``S_t`` steps, from its own ``lr``."""
+    specs = [spec for spec, _ in tasks]
+    steps = [n for _, n in tasks]
+    total = sum(steps)
+    if all(s == specs[0] for s in specs) and specs[0].rewarm == "stage":
+        return lr_schedule(specs[0], total)
+    if all(s == specs[0] for s in specs) and len(set(steps)) == 1:
+        return lr_schedule(specs[0], total, steps[0])
+    shapes = [lr_schedule(spec.model_copy(update={"rewarm": "stage"}), n) for spec, n in tasks]
+    return optax.join_schedules(shapes, list(np.cumsum(steps)[:-1]))
+
+
 def build_chain(
-    spec: OptimizerSpec, total_steps: int, methods: list, task_steps: int | None = None
+    spec: OptimizerSpec,
+    total_steps: int,
+    methods: list,
+    task_steps: int | None = None,
+    *,
+    schedule: optax.Schedule | None = None,
 ) -> tuple[optax.GradientTransformationExtraArgs, CompiledMethods]:
     """``chain(*front methods, clip_by_global_norm, adamw, *behind methods)``.
 
     Front methods (regularizers, projections) see the raw gradient and add or project their terms;
-    clipping and AdamW act on the result; behind methods (masks: freeze, PackNet, soft masks)
+    clipping and AdamW act on the result (at ``schedule``, default :func:`lr_schedule`); behind
+    methods (masks: freeze, PackNet, soft masks)
     zero or scale the final update, weight decay included. Returns the chain and what the method
     list compiled to (memory needs).
     """
-    schedule = lr_schedule(spec, total_steps, task_steps)
+    if schedule is None:
+        schedule = lr_schedule(spec, total_steps, task_steps)
     compiled = compile_methods(methods, learning_rate=schedule, weight_decay=spec.weight_decay)
     parts = list(compiled.front)
     if spec.clip_norm is not None:

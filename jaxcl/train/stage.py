@@ -3,8 +3,8 @@
 The stage's chain, objective and train step are compiled once. Its loop can start anywhere: a
 :class:`Cursor` restored from a checkpoint says which task and step come next and carries the
 state, the frozen trees, the replay buffer and the partial results, so a killed run continues
-exactly where its last checkpoint stands (batch ``k`` of a task is a pure function of the seed
-and ``k``).
+exactly where its last checkpoint stands (the state of the task's data stream is saved with
+every checkpoint; :mod:`jaxcl.train.data`).
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ from rich.console import Console
 
 from jaxcl import checkpoint, parallel
 from jaxcl.data import batched_stream, encode_all
+from jaxcl.data.budget import Budget
 from jaxcl.data.replay import ReplayBuffer
+from jaxcl.data.sources import BadRowError
 from jaxcl.data.tokenize import special_ids, token_ids
 from jaxcl.eval import HIGHER_IS_BETTER, cl_metrics, metric_scale
-from jaxcl.eval.tasks import continuations, task_eval
+from jaxcl.eval.tasks import continuations
 from jaxcl.methods import consolidate
 from jaxcl.methods.protocol import (
     END_PHASES,
@@ -43,22 +45,15 @@ from jaxcl.objectives.reference import (
 )
 from jaxcl.objectives.spec import stage_objective
 from jaxcl.recipe import STAGE_DATA_KIND, StageSpec
+from jaxcl.train.data import DataError, TaskData, stream_for, task_data, task_rows, task_seed
 from jaxcl.train.features import adapter_hooks, initial_frozen, objective_hooks, optimizer_hooks
 from jaxcl.train.monitor import Throughput, event_writer, progress_bar, throughput
-from jaxcl.train.optim import build_chain
+from jaxcl.train.optim import build_chain, task_schedule
 from jaxcl.train.step import TrainState, make_train_step, state_shardings_for
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
-
-
-@dataclass
-class TaskData:
-    name: str
-    train: list[dict[str, np.ndarray]]
-    eval: Any  # jaxcl.eval.tasks.TaskEval: the task's eval set, scored by its metric
-    instructions: list[str]  # the train examples' prompts (or texts), for InsCL's memory split
 
 
 @dataclass
@@ -71,6 +66,7 @@ class Cursor:
     frozen: dict[str, Any] = field(default_factory=dict)
     record: dict[str, Any] = field(default_factory=dict)
     buffer: ReplayBuffer | None = None
+    data_state: dict[str, Any] | None = None  # the task's stream, where a mid-task save left it
 
 
 @dataclass
@@ -89,6 +85,7 @@ class StageProgram:
     view: EvalView | None
     methods: list[Any]  # the stage's method specs (their estimates run at every task end)
     memory_owner: Any  # the method whose memory of finished tasks the stage keeps, or None
+    schedule: Any = None  # step -> learning rate (logged as ``lr``)
 
     def new_memory(self, seed: int, n_tasks: int) -> ReplayBuffer | None:
         """The memory of finished tasks its owner (the first method keeping one) declares."""
@@ -100,9 +97,18 @@ class StageProgram:
         return self.memory_owner.replay_ratio() if self.memory_owner is not None else 0.0
 
 
-def compile_stage(ctx, stage: StageSpec, params, total_steps: int) -> StageProgram:
-    optimizer = ctx.recipe.stage_optimizer(stage)
-    tx, compiled = build_chain(optimizer, total_steps, stage.methods, stage.steps_per_task)
+def compile_stage(
+    ctx, stage: StageSpec, params, total_steps: int, task_steps: list[int] | None = None
+) -> StageProgram:
+    """The stage's program; ``task_steps`` (each task's budget) lays out the learning rate per
+    task (:func:`~jaxcl.train.optim.task_schedule`), default ``steps_per_task`` each."""
+    recipe = ctx.recipe
+    optimizer = recipe.stage_optimizer(stage)
+    steps = task_steps or [stage.steps_per_task] * len(stage.tasks)
+    schedule = task_schedule(
+        [(recipe.task_optimizer(stage, task), n) for task, n in zip(stage.tasks, steps)]
+    )
+    tx, compiled = build_chain(optimizer, total_steps, stage.methods, schedule=schedule)
     model = ctx.model
     shardings = state_shardings_for(
         tx, params, ctx.param_shardings, parallel.replicated(ctx.mesh), split=model.split
@@ -136,6 +142,7 @@ def compile_stage(ctx, stage: StageSpec, params, total_steps: int) -> StageProgr
         compose_views(views),
         list(stage.methods),
         next((m for m in stage.methods if m.new_memory(seed=0, n_tasks=1) is not None), None),
+        schedule,
     )
 
 
@@ -145,32 +152,6 @@ def init_state(program: StageProgram, params) -> TrainState:
         out_shardings=program.shardings,
     )
     return init(params)
-
-
-def task_data(ctx, stage: StageSpec) -> list[TaskData]:
-    def encoded(examples, kind):
-        return encode_all(examples, kind, ctx.tokenizer, stage.seq_len)
-
-    def scorable(task, metric):  # the eval set prepared for the task's metric (a TaskEval)
-        return task_eval(
-            metric,
-            task.data.load("eval"),
-            task.data.kind,
-            ctx.tokenizer,
-            stage.seq_len,
-            stage.eval_batch_size,
-            max_new_tokens=stage.eval_max_new_tokens,
-            where=f"stage {stage.name}, task {task.name}",
-        )
-
-    out = []
-    for task, metric in zip(stage.tasks, stage.task_metrics):
-        train = task.data.load("train")
-        texts = [str(e.get("prompt", e.get("text", ""))) for e in train]
-        out.append(
-            TaskData(task.name, encoded(train, task.data.kind), scorable(task, metric), texts)
-        )
-    return out
 
 
 def new_buffer(ctx, stage: StageSpec, program: StageProgram) -> ReplayBuffer | None:
@@ -217,6 +198,7 @@ class StageRun:
     events: Any = None  # TensorBoard event writer (beside metrics.jsonl)
     speed: Throughput | None = None
     started: float = 0.0
+    stream: Any = None  # the current task's jaxcl.data.stream.TaskStream
 
     @property
     def step_frozen(self) -> dict[str, Any]:
@@ -225,7 +207,8 @@ class StageRun:
 
     def annotate(self, examples: list) -> list:
         """Examples with the reference's log-probs attached (``reference.logps: precomputed``):
-        one pass of the frozen tree over the data at each task start."""
+        one pass of the frozen tree over the rows as they are drawn (the memory's at each task
+        start)."""
         if not self.program.objective.precompute or not examples:
             return examples
         (name,) = self.program.objective.precompute
@@ -252,7 +235,7 @@ class StageRun:
         return jax.device_put(state, self.program.shardings)
 
     def seed(self, t: int) -> int:
-        return self.ctx.recipe.seed * 1_000_003 + t
+        return task_seed(self.ctx.recipe, t)
 
     def context(self, t: int) -> Context:
         """What task ``t``'s hooks and estimators see (:class:`jaxcl.methods.protocol.Context`):
@@ -265,19 +248,16 @@ class StageRun:
             return objective.scalar(self.step_frozen)(model.join(p, fixed()), batch)
 
         def own_batches(n: int):
-            stream = batched_stream(
-                self.annotate(task.train),
-                batch_size=stage.batch_size,
-                num_batches=n,
-                seed=self.seed(t) + 700_001,
+            stream = stream_for(
+                ctx, stage, task, seed_offset=700_001, annotate=self.annotate, budget=Budget(n, 0)
             )
-            return (ctx.put_batch(stream[i]) for i in range(n))
+            return (ctx.put_rows(stream.next_batch()) for _ in range(n))
 
         info = TaskInfo(
             t,
             task.name,
-            stage.steps_per_task,
-            task.train,
+            task.budget.steps,
+            task_rows(ctx, stage, task),
             task.instructions,
             tuple(x.name for x in self.tasks),
         )
@@ -301,53 +281,63 @@ class StageRun:
             tools,
         )
 
-    def streams(self, t: int):
-        """Task ``t``'s batches (the memory mixed in) and, for A-GEM, its memory batches."""
+    def streams(self, t: int, first: int):
+        """Task ``t``'s batches from step ``first`` (the memory mixed in) and, for A-GEM, its
+        memory batches. A resumed task's stream continues from the state its checkpoint saved."""
         stage, buffer, program = self.stage, self.cursor.buffer, self.program
+        task = self.tasks[t]
         pool = self.annotate(buffer.examples() if buffer is not None else [])
-        stream = batched_stream(
-            self.annotate(self.tasks[t].train),
-            batch_size=stage.batch_size,
-            num_batches=stage.steps_per_task,
-            seed=self.seed(t),
-            replay=pool,
-            replay_ratio=program.replay_ratio(),
+        stream = stream_for(
+            self.ctx,
+            stage,
+            task,
+            pool=pool,
+            ratio=program.replay_ratio(),
+            annotate=self.annotate if program.objective.precompute else None,
         )
+        saved = self.cursor.data_state
+        if first and saved is not None and saved.get("step") == first:
+            stream.restore(saved)
+        else:  # a checkpoint without the stream's state: draw the batches it had consumed
+            for _ in range(first):
+                stream.next_batch()
         memory = None
         if program.memory_grads and pool:
             memory = batched_stream(
                 pool,
                 batch_size=stage.batch_size,
-                num_batches=stage.steps_per_task,
+                num_batches=task.budget.steps,
                 seed=self.seed(t) + 500_009,
             )
         return stream, memory
 
     def train_task(self, t: int, first: int, progress, bar) -> None:
-        """Steps ``first..steps_per_task-1`` of task ``t``, its task-start hooks first (on a
-        fresh start of the task) and its step hooks after each step."""
+        """Steps ``first..S_t-1`` of task ``t`` (``S_t`` its budget), its task-start hooks first
+        (on a fresh start of the task) and its step hooks after each step."""
         stage, recipe, cursor, program = self.stage, self.ctx.recipe, self.cursor, self.program
         task = self.tasks[t]
+        steps = task.budget.steps
         ctx = self.context(t)
         if first == 0:
             self.carry = run_hooks(program.hooks, "task_start", ctx, self.carry)
         stepped = any(h.phase == "step" for h in program.hooks)
-        stream, memory = self.streams(t)
+        self.stream, memory = self.streams(t, first)
         pending = None  # the previous step's metrics, checked one step behind (no stall)
-        for k in range(first, stage.steps_per_task):
-            batch = self.ctx.put_batch(stream[k])
+        for k in range(first, steps):
+            rows = read_batch(self.stream, stage, task, self.parent)
+            batch = self.ctx.put_rows(rows)
             mem = None
             if program.memory_grads:
                 # Before any memory exists, the batch with every token masked out stands in:
                 # its gradient is zero, so a projection against it changes nothing.
-                mem = self.ctx.put_batch(memory[k] if memory is not None else unmasked(stream[k]))
+                mem = self.ctx.put_batch(memory[k] if memory is not None else unmasked(rows))
             cursor.state, metrics = program.step_fn(cursor.state, batch, self.step_frozen, mem)
             if stepped:
                 self.carry = run_step_hooks(program.hooks, k, ctx, self.carry)
             self.speed.steps += 1
             _check_finite(pending, stage, task, self.parent)
             pending = (k, metrics)
-            last = k + 1 == stage.steps_per_task
+            last = k + 1 == steps
             if (k + 1) % recipe.log_every == 0 or last:
                 _check_finite(pending, stage, task, self.parent)
                 self.log_metrics(task, metrics, progress, bar)
@@ -362,6 +352,7 @@ class StageRun:
         entry = {key: float(parallel.to_host(v)) for key, v in metrics.items()}
         entry.update(self.speed.read(), stage=self.stage.name, task=task.name)
         entry["step"] = int(self.cursor.state.step)
+        entry["lr"] = float(self.program.schedule(entry["step"] - 1))  # the rate of that step
         self.cursor.record["losses"].append(entry)
         if parallel.is_primary():
             self.log.write(json.dumps(entry) + "\n")
@@ -387,15 +378,14 @@ class StageRun:
             self.carry = run_hooks(program.hooks, phase, ctx, self.carry)
         stage_dir = self.ctx.out / "checkpoints" / self.stage.name
         step = int(cursor.state.step)
-        superseded = [
-            s
-            for s in checkpoint.all_steps(stage_dir)
-            if step - self.stage.steps_per_task < s < step
-        ]
+        steps = self.tasks[t].budget.steps
+        superseded = [s for s in checkpoint.all_steps(stage_dir) if step - steps < s < step]
+        if self.stream is not None:  # what the task read: rows, tokens, skipped bad rows
+            cursor.record.setdefault("data", {})[self.tasks[t].name] = data_record(self.stream)
         if t == len(self.tasks) - 1:  # the stage's end: probes and digest in its final manifest
             cursor.record["probes_after"] = self.ctx.probe(cursor.state.params)
             cursor.record["final_params_sha256"] = checkpoint.params_digest(cursor.state.params)
-        self.save(t, self.stage.steps_per_task, done=True)
+        self.save(t, steps, done=True)
         checkpoint.delete_steps(stage_dir, superseded)  # mid-task saves, now redundant
 
     def save(self, t: int, k: int, done: bool) -> None:
@@ -421,6 +411,7 @@ class StageRun:
             "record": cursor.record,
             "replay": buffer["meta"] if buffer else None,
             "lora": self.program.model.describe(),
+            "data_state": None if done or self.stream is None else self.stream.state(),
         }
         path = checkpoint.save_checkpoint(
             self.ctx.out / "checkpoints" / stage.name,
@@ -431,7 +422,9 @@ class StageRun:
             cursor.frozen,
             replay=buffer["arrays"] if buffer and buffer["meta"]["stored"] else None,
         )
-        self.ctx.add_checkpoint(dict(manifest, path=str(path), record=None, replay=None))
+        self.ctx.add_checkpoint(
+            dict(manifest, path=str(path), record=None, replay=None, data_state=None)
+        )
         self.parent = str(path)
 
 
@@ -458,6 +451,7 @@ def stage_result(stage: StageSpec, record: dict, checkpoint_path: str) -> dict[s
         "final_params_sha256": record["final_params_sha256"],
         "probes_before": record.get("probes_before"),
         "probes_after": record.get("probes_after"),
+        "data": record.get("data"),
         "seconds": record["seconds"],
     }
 
@@ -496,6 +490,7 @@ def restore_cursor(ctx, stage: StageSpec, program: StageProgram, step_dir) -> Cu
         frozen=frozen,
         record=manifest["record"],
         buffer=buffer,
+        data_state=manifest.get("data_state"),
     )
 
 
@@ -512,9 +507,11 @@ def _resume(ctx, stage: StageSpec, program: StageProgram, candidates) -> tuple[C
 def run_stage(ctx, stage: StageSpec, params, parent: str | None, candidates=()) -> dict[str, Any]:
     """Train ``stage`` from ``params`` (plain parameters), or resume it from the newest of its
     ``candidates`` checkpoints that restores; returns its entry of ``results.json``."""
-    total_steps = stage.steps_per_task * len(stage.tasks)
+    tasks = task_data(ctx, stage)
+    task_steps = [t.budget.steps for t in tasks]
+    total_steps = sum(task_steps)
     like = ctx.model.like(ctx.run.plain_like)
-    program = compile_stage(ctx, stage, like, total_steps)
+    program = compile_stage(ctx, stage, like, total_steps, task_steps)
     resumed = _resume(ctx, stage, program, candidates)
     if resumed is not None:
         cursor, parent = resumed
@@ -524,7 +521,6 @@ def run_stage(ctx, stage: StageSpec, params, parent: str | None, candidates=()) 
             params = ctx.restore_model(parent)
         start_digest = checkpoint.params_digest(params)  # the plain model the stage starts from
         params = ctx.model.attach(params)
-    tasks = task_data(ctx, stage)
     eval_sets = [t.eval.on_devices(ctx.put_batch) for t in tasks]  # each task by its metric
 
     def score(carry: Carry | None, view: EvalView | None = None) -> list[float]:
@@ -563,12 +559,32 @@ def run_stage(ctx, stage: StageSpec, params, parent: str | None, candidates=()) 
         event_writer(ctx.out / "tensorboard", stage.name) as run.events,
     ):
         bar = progress.add_task(stage.name, total=total_steps, loss="-")
-        progress.advance(bar, start_task * stage.steps_per_task + start_step)
+        progress.advance(bar, sum(task_steps[:start_task]) + start_step)
         for t in range(start_task, len(tasks)):
             run.train_task(t, start_step if t == start_task else 0, progress, bar)
             run.end_task(t, score)
     cursor.record["seconds"] = round(time.perf_counter() - run.started, 2)
     return stage_result(stage, cursor.record, run.parent)
+
+
+def read_batch(stream, stage: StageSpec, task: TaskData, parent: str | None):
+    """The stream's next batch; a bad row (``on_bad_row: error``) stops the run naming the
+    stage, task, file and line, and the last good checkpoint."""
+    try:
+        return stream.next_batch()
+    except BadRowError as err:
+        raise DataError(
+            f"stage {stage.name!r}, task {task.name!r}: {err}. The run stopped there; last good "
+            f"checkpoint: {parent or 'none'} (fix the row, or set the task's "
+            "data.on_bad_row: skip)"
+        ) from None
+
+
+def data_record(stream) -> dict[str, Any]:
+    """What a task's stream read, for results.json and the report."""
+    state = stream.state()
+    keys = ("rows", "tokens", "replayed", "skipped", "truncated", "bad_rows")
+    return {k: state[k] for k in keys}
 
 
 def unmasked(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

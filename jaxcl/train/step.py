@@ -23,9 +23,13 @@ class TrainState(NamedTuple):
 
 
 def make_apply(graphdef: nnx.GraphDef) -> Callable[..., jax.Array]:
-    """``apply(params, input_ids, **kw) -> logits``: the NNX model used as a pure function."""
+    """``apply(params, input_ids, **kw) -> logits``: the NNX model used as a pure function;
+    ``input_ids`` may be a dict of ``input_ids``, ``positions`` and ``segment_ids`` (packed rows,
+    :func:`jaxcl.objectives.bound.row_inputs`)."""
 
-    def apply(params: optax.Params, input_ids: jax.Array, **kwargs: Any) -> jax.Array:
+    def apply(params: optax.Params, input_ids: Any, **kwargs: Any) -> jax.Array:
+        if isinstance(input_ids, dict):  # packed rows: ids with their positions and segments
+            return nnx.merge(graphdef, params)(**input_ids, **kwargs)
         return nnx.merge(graphdef, params)(input_ids, **kwargs)
 
     return apply

@@ -1,0 +1,130 @@
+"""What a stage reads of its tasks' data: streams of batches, budgets, eval sets.
+
+Each task's training split stays on disk: :meth:`~jaxcl.data.spec.DataSpec.documents` reads and
+tokenizes it row by row, :func:`~jaxcl.data.budget.task_budget` turns its ``steps`` /
+``epochs`` / ``tokens`` into steps, and :func:`~jaxcl.data.stream.make_task_stream` packs it
+into this process's rows of every batch (:mod:`jaxcl.data.stream`). The eval sets are small and
+held in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+
+from jaxcl.data.budget import Budget, task_budget
+from jaxcl.data.sources import BadRowError
+from jaxcl.data.stream import TaskRows, TaskStream, make_task_stream
+from jaxcl.data.tokenize import special_ids
+from jaxcl.eval.tasks import task_eval
+from jaxcl.recipe import StageSpec, TaskSpec
+
+#: examples whose prompts (or texts) stand for a task's instructions (InsCL's memory split)
+INSTRUCTION_SAMPLE = 1000
+
+
+class DataError(ValueError):
+    """A task's data cannot be read; the message names the task, file and line."""
+
+
+@dataclass
+class TaskData:
+    name: str
+    docs: Any  # jaxcl.data.stream.DocumentSource: the training split, read lazily
+    eval: Any  # jaxcl.eval.tasks.TaskEval: the task's eval set, scored by its metric
+    instructions: list[str]  # prompts (or texts) of the first examples, for InsCL's memory split
+    budget: Budget
+    seed: int  # the seed of the task's document order and replay draws
+
+
+def task_seed(recipe: Any, t: int) -> int:
+    return recipe.seed * 1_000_003 + t
+
+
+def shard() -> tuple[int, int]:
+    return jax.process_index(), jax.process_count()
+
+
+def _instructions(task: TaskSpec) -> list[str]:
+    try:
+        rows = task.data.sample(INSTRUCTION_SAMPLE)
+    except BadRowError:  # a bad row among the first: the rows before it stand for the task
+        rows = []
+    return [str(e.get("prompt", e.get("text", ""))) for e in rows]
+
+
+def task_data(ctx: Any, stage: StageSpec) -> list[TaskData]:
+    """Every task's documents, budget and eval set (read, tokenized and budgeted up front only
+    as far as an ``epochs`` budget needs the documents' lengths)."""
+    out = []
+    for t, (task, metric) in enumerate(zip(stage.tasks, stage.task_metrics)):
+        where = f"stage {stage.name}, task {task.name}"
+        try:
+            evaluation = task_eval(
+                metric,
+                task.data.load("eval"),
+                task.data.kind,
+                ctx.tokenizer,
+                stage.seq_len,
+                stage.eval_batch_size,
+                max_new_tokens=stage.eval_max_new_tokens,
+                where=where,
+            )
+            docs = task.data.documents(ctx.tokenizer, stage.seq_len)
+            budget = task_budget(
+                task,
+                stage.steps_per_task,
+                docs=docs,
+                packing=stage.row_packing,
+                batch_size=stage.batch_size,
+                seq_len=stage.seq_len,
+                seed=task_seed(ctx.recipe, t),
+                process_count=shard()[1],
+            )
+        except BadRowError as err:
+            raise DataError(f"{where}: {err}") from None
+        out.append(
+            TaskData(
+                task.name, docs, evaluation, _instructions(task), budget, task_seed(ctx.recipe, t)
+            )
+        )
+    return out
+
+
+def stream_for(
+    ctx: Any,
+    stage: StageSpec,
+    task: TaskData,
+    *,
+    seed_offset: int = 0,
+    pool: list | None = None,
+    ratio: Any = 0.0,
+    annotate: Any = None,
+    budget: Budget | None = None,
+) -> TaskStream:
+    """Task ``task``'s batches on this process (its block of every global batch)."""
+    _, _, pad = special_ids(ctx.tokenizer)
+    return make_task_stream(
+        task.docs,
+        packing=stage.row_packing,
+        seq_len=stage.seq_len,
+        batch_size=stage.batch_size,
+        seed=task.seed + seed_offset,
+        pad_id=pad,
+        budget=budget if budget is not None else task.budget,
+        shard=shard(),
+        pool=pool,
+        ratio=ratio,
+        annotate=annotate,
+    )
+
+
+def task_rows(ctx: Any, stage: StageSpec, task: TaskData) -> TaskRows:
+    """The task's own rows in training order, lazily: one epoch when its size is known, else
+    the rows its budget trains (what hooks see as ``ctx.task.examples``)."""
+    local = stage.batch_size // shard()[1]
+    length = task.budget.epoch_rows or task.budget.steps * local
+    stream = lambda: stream_for(ctx, stage, task, budget=Budget(0, 0)).rows  # noqa: E731
+    return TaskRows(stream, length)
