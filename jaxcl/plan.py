@@ -54,7 +54,10 @@ def plan(recipe: Recipe, devices: int | None = None) -> dict[str, Any]:
     shardings = parallel.tree_shardings(names, params, mesh, rules)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
     stages = []
-    tokenizer = model_tokenizer(recipe.model)
+    try:
+        tokenizer = model_tokenizer(recipe.model)
+    except FileNotFoundError:  # a weights preset not installed: budgets that read no data
+        tokenizer = None
     for stage in recipe.stages:
         tasks = task_budgets(recipe, stage, tokenizer)
         total = sum(t["steps"] for t in tasks)
@@ -104,6 +107,11 @@ def task_budgets(recipe: Recipe, stage: Any, tokenizer: Any) -> list[dict[str, A
     ``epochs`` budget over packed rows counts the documents' tokens: one pass of the data)."""
     out = []
     for t, task in enumerate(stage.tasks):
+        if tokenizer is None and task.epochs is not None and stage.row_packing != "none":
+            raise FileNotFoundError(
+                f"stage {stage.name}, task {task.name}: an epochs budget over packed rows counts "
+                "the documents' tokens, which needs the model's tokenizer (install its package)"
+            )
         docs = task.data.documents(tokenizer, stage.seq_len)
         budget = task_budget(
             task,

@@ -1,5 +1,6 @@
-"""Two processes on localhost (jax.distributed, gloo CPU collectives) end with the same
-parameters as one process with two devices at the same global batch."""
+"""Two processes on localhost (jax.distributed, gloo CPU collectives), each reading only its
+block of every batch, end with the same parameters as one process with two devices at the same
+global batch."""
 
 import json
 import os
@@ -32,6 +33,8 @@ def _cmd(out, *extra):
         "mesh.data=2",
         *MICRO,
         "probes=false",  # the same collectives run without them; saves still happen per task
+        # rows independent of the process count (concat packs each process's documents apart)
+        "stages.0.packing=none",
         *extra,
     ]
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jaxcl.data.stream import TaskStream
 from jaxcl.recipe import load_recipe
-from jaxcl.train import stage as stage_module
 from jaxcl.train.runner import TrainingDiverged, run_recipe
 
 ROOT = Path(__file__).parent.parent
@@ -139,25 +139,17 @@ def test_half_written_save_and_corrupted_latest_checkpoint(tmp_path, uninterrupt
 
 def test_nan_in_a_batch_stops_naming_the_step(tmp_path, monkeypatch):
     recipe = load_recipe(QUICKSTART, [f"out_dir={tmp_path / 'run'}", *MICRO, "checkpoint_every=2"])
-    original = stage_module.batched_stream
+    original = TaskStream.next_batch
 
-    def poisoned(*args, **kwargs):
-        ds = original(*args, **kwargs)
+    def poisoned(self):
+        k = self.step
+        batch = original(self)
+        if k == 3:
+            batch["loss_mask"] = batch["loss_mask"].copy()
+            batch["loss_mask"][0, 1] = np.nan
+        return batch
 
-        class Poisoned:
-            def __len__(self):
-                return len(ds)
-
-            def __getitem__(self, k):
-                batch = dict(ds[k])
-                if k == 3:
-                    batch["loss_mask"] = batch["loss_mask"].copy()
-                    batch["loss_mask"][0, 1] = np.nan
-                return batch
-
-        return Poisoned()
-
-    monkeypatch.setattr(stage_module, "batched_stream", poisoned)
+    monkeypatch.setattr(TaskStream, "next_batch", poisoned)
     with pytest.raises(TrainingDiverged, match=r"stage 'cpt', task 'recipes', step 4 of the task"):
         run_recipe(recipe)
     # Nothing after the NaN was saved: the only checkpoint is the interval one at step 2.

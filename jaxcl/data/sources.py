@@ -61,7 +61,14 @@ class BadRowError(ValueError):
 def _files(path: str | Path, suffixes: tuple[str, ...], what: str) -> list[Path]:
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(suffixes))
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and p.name.endswith(suffixes)
+            # a prepared cache (jaxcl prepare) of a file inside the folder is not data
+            and not any(part.endswith(".jaxcl-prepared") for part in p.relative_to(path).parts)
+        )
         if not files:
             raise ValueError(f"{path}: the folder holds no {what} files ({', '.join(suffixes)})")
         return files

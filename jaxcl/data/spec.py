@@ -78,8 +78,13 @@ class _Mapped(Strict):
     def has_split(self, split: str) -> bool:
         return split == "train" or getattr(self, "eval", None) is not None
 
+    _sources: dict[str, ExampleSource] = pydantic.PrivateAttr(default_factory=dict)
+
     def source(self, split: str) -> ExampleSource:
-        return ExampleSource(self.reader(split), self.kind, self.field_map())
+        """The split's examples (opened once: a file's line index is built once per run)."""
+        if split not in self._sources:
+            self._sources[split] = ExampleSource(self.reader(split), self.kind, self.field_map())
+        return self._sources[split]
 
     def examples(self, split: str) -> list[dict[str, Any]]:
         return self.source(split).all()
@@ -290,10 +295,11 @@ class DataSpec(Strict):
 
     def _held_out(self, split: str) -> list[dict[str, Any]]:
         source = self.source.source("train")  # type: ignore[union-attr]
-        if split == "eval":
+        if split == "eval":  # the held-out rows alone: a corpus of any size is not read
             return [source[int(i)] for i in self._holdout(len(source))]
+        every = source.all()  # loading the whole split in memory validates every row
         rows = self.train_rows()
-        return [source[int(rows[i])] for i in range(len(rows))]
+        return [every[int(rows[i])] for i in range(len(rows))]
 
     def _holdout(self, n: int) -> np.ndarray:
         """The source rows held out for eval (sorted), a seeded draw of ``eval_size``."""
@@ -326,7 +332,7 @@ class DataSpec(Strict):
             examples = self.load("train")
             return TokenizedDocuments(examples, self.kind, tokenizer, seq_len=seq_len)
         rows = self.train_rows()
-        if self.kind != "preference":
+        if self.kind != "preference" and tokenizer is not None:
             from jaxcl.data.prepare import open_prepared
 
             prepared = open_prepared(self, tokenizer)

@@ -103,8 +103,10 @@ def stream_for(
     ratio: Any = 0.0,
     annotate: Any = None,
     budget: Budget | None = None,
+    process: tuple[int, int] | None = None,
 ) -> TaskStream:
-    """Task ``task``'s batches on this process (its block of every global batch)."""
+    """Task ``task``'s batches on this process (its block of every global batch), or on
+    ``process`` when given (``(0, 1)``: the global row sequence)."""
     _, _, pad = special_ids(ctx.tokenizer)
     return make_task_stream(
         task.docs,
@@ -114,7 +116,7 @@ def stream_for(
         seed=task.seed + seed_offset,
         pad_id=pad,
         budget=budget if budget is not None else task.budget,
-        shard=shard(),
+        shard=process or shard(),
         pool=pool,
         ratio=ratio,
         annotate=annotate,
@@ -122,9 +124,17 @@ def stream_for(
 
 
 def task_rows(ctx: Any, stage: StageSpec, task: TaskData) -> TaskRows:
-    """The task's own rows in training order, lazily: one epoch when its size is known, else
-    the rows its budget trains (what hooks see as ``ctx.task.examples``)."""
-    local = stage.batch_size // shard()[1]
-    length = task.budget.epoch_rows or task.budget.steps * local
-    stream = lambda: stream_for(ctx, stage, task, budget=Budget(0, 0)).rows  # noqa: E731
-    return TaskRows(stream, length)
+    """The task's own rows in training order, lazily (what hooks see as ``ctx.task.examples``,
+    and what the memory samples at the task's end): one epoch when its size is known, else
+    the rows its budget trained. Every process reads the same global rows, so that every
+    process keeps the same memory."""
+    budget, single = task.budget, shard()[1] == 1
+    if stage.row_packing == "none":
+        length = len(task.docs)
+    elif single and budget.epoch_rows:
+        length = budget.epoch_rows
+    else:
+        length = budget.steps * stage.batch_size
+    endless = Budget(0, 0)
+    rows = lambda: stream_for(ctx, stage, task, budget=endless, process=(0, 1)).rows  # noqa: E731
+    return TaskRows(rows, length)
