@@ -447,6 +447,7 @@ def _recipe(out, methods_):
     stage = {
         "name": "cpt",
         "kind": "pretrain",
+        "packing": "none",  # one document per row, as the threshold's figures were measured
         "seq_len": 32,
         "batch_size": 8,
         "eval_batch_size": 16,

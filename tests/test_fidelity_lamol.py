@@ -379,9 +379,9 @@ def test_a_recipe_trains_on_pseudo_examples_the_model_writes(tmp_path, monkeypat
 
     streams = stage_module.StageRun.streams
 
-    def spy(self, t):
+    def spy(self, t, first):
         mixed.append(self.cursor.buffer.examples())
-        return streams(self, t)
+        return streams(self, t, first)
 
     monkeypatch.setattr(stage_module.StageRun, "streams", spy)
     run_recipe(load_recipe(path), overwrite=True)

@@ -78,16 +78,25 @@ class _Mapped(Strict):
     def has_split(self, split: str) -> bool:
         return split == "train" or getattr(self, "eval", None) is not None
 
-    _sources: dict[str, ExampleSource] = pydantic.PrivateAttr(default_factory=dict)
+    _sources: dict[tuple, ExampleSource] = pydantic.PrivateAttr(default_factory=dict)
 
     def source(self, split: str) -> ExampleSource:
         """The split's examples (opened once: a file's line index is built once per run)."""
-        if split not in self._sources:
-            self._sources[split] = ExampleSource(self.reader(split), self.kind, self.field_map())
-        return self._sources[split]
+        key = (split, _stamp(getattr(self, "_path", lambda s: None)(split)))
+        if key not in self._sources:  # a rewritten file is opened afresh
+            self._sources[key] = ExampleSource(self.reader(split), self.kind, self.field_map())
+        return self._sources[key]
 
     def examples(self, split: str) -> list[dict[str, Any]]:
         return self.source(split).all()
+
+
+def _stamp(path: str | None) -> tuple[int, int] | None:
+    """A file's (size, mtime) or a folder's, to notice a source rewritten since it was opened."""
+    if path is None or not Path(path).exists():
+        return None
+    stat = Path(path).expanduser().stat()
+    return stat.st_size, stat.st_mtime_ns
 
 
 def _must_exist(path: str | None) -> str | None:
