@@ -14,13 +14,12 @@ import numpy as np
 from jax.sharding import AbstractMesh, AxisType
 
 from jaxcl import parallel
-from jaxcl.data.budget import task_budget
 from jaxcl.data.prepare import model_tokenizer
 from jaxcl.methods import state_shardings
 from jaxcl.objectives.spec import stage_objective
 from jaxcl.recipe import Recipe
 from jaxcl.train.adapters import StageModel
-from jaxcl.train.data import task_seed
+from jaxcl.train.data import documents_and_budget
 from jaxcl.train.optim import build_chain
 
 
@@ -112,16 +111,7 @@ def task_budgets(recipe: Recipe, stage: Any, tokenizer: Any) -> list[dict[str, A
                 f"stage {stage.name}, task {task.name}: an epochs budget over packed rows counts "
                 "the documents' tokens, which needs the model's tokenizer (install its package)"
             )
-        docs = task.data.documents(tokenizer, stage.seq_len)
-        budget = task_budget(
-            task,
-            stage.steps_per_task,
-            docs=docs,
-            packing=stage.row_packing,
-            batch_size=stage.batch_size,
-            seq_len=stage.seq_len,
-            seed=task_seed(recipe, t),
-        )
+        docs, budget = documents_and_budget(recipe, stage, t, tokenizer)
         out.append(
             {
                 "task": task.name,

@@ -55,6 +55,25 @@ def _instructions(task: TaskSpec) -> list[str]:
     return [str(e.get("prompt", e.get("text", ""))) for e in rows]
 
 
+def documents_and_budget(
+    recipe: Any, stage: StageSpec, t: int, tokenizer: Any, *, process_count: int = 1
+) -> tuple[Any, Budget]:
+    """Task ``t``'s training documents (read lazily) and its budget in steps."""
+    task = stage.tasks[t]
+    docs = task.data.documents(tokenizer, stage.seq_len)
+    budget = task_budget(
+        task,
+        stage.steps_per_task,
+        docs=docs,
+        packing=stage.row_packing,
+        batch_size=stage.batch_size,
+        seq_len=stage.seq_len,
+        seed=task_seed(recipe, t),
+        process_count=process_count,
+    )
+    return docs, budget
+
+
 def task_data(ctx: Any, stage: StageSpec) -> list[TaskData]:
     """Every task's documents, budget and eval set (read, tokenized and budgeted up front only
     as far as an ``epochs`` budget needs the documents' lengths)."""
@@ -72,16 +91,8 @@ def task_data(ctx: Any, stage: StageSpec) -> list[TaskData]:
                 max_new_tokens=stage.eval_max_new_tokens,
                 where=where,
             )
-            docs = task.data.documents(ctx.tokenizer, stage.seq_len)
-            budget = task_budget(
-                task,
-                stage.steps_per_task,
-                docs=docs,
-                packing=stage.row_packing,
-                batch_size=stage.batch_size,
-                seq_len=stage.seq_len,
-                seed=task_seed(ctx.recipe, t),
-                process_count=shard()[1],
+            docs, budget = documents_and_budget(
+                ctx.recipe, stage, t, ctx.tokenizer, process_count=shard()[1]
             )
         except BadRowError as err:
             raise DataError(f"{where}: {err}") from None
