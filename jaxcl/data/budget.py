@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 
 from jaxcl.data.stream import (
+    DocumentOrder,
     RowStream,
     Skipped,
     StreamState,
-    document_order,
     pipeline,
 )
 
@@ -85,7 +85,7 @@ def _process_rows(
     seq_len: int,
 ) -> list[int]:
     """Rows each of ``count`` processes makes of the first ``docs`` global document positions."""
-    order = document_order(len(lengths), seed)
+    order = DocumentOrder(len(lengths), seed)
     per_doc = [[] for _ in range(count)]
     for g in range(docs):
         per_doc[g % count].append(int(lengths[int(order[g])]))
@@ -139,8 +139,6 @@ def task_budget(
     local = batch_size // process_count
     per_step = batch_size * seq_len
     known = None
-    if packing == "none":
-        known = -(-len(docs) // process_count)
     if task.tokens is not None:
         steps = max(1, math.ceil(task.tokens / per_step))
         return Budget(steps, steps * per_step, None, known, "tokens")

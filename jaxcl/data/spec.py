@@ -72,6 +72,10 @@ class _Mapped(Strict):
     def field_map(self) -> FieldMap:
         return FieldMap(self.fields, self.prompt_template, self.label_names)
 
+    def _path(self, split: str) -> str | None:
+        """The split's file or folder (None: a source without one, e.g. TFDS or in-memory)."""
+        return None
+
     def reader(self, split: str) -> Any:  # pragma: no cover - overridden
         raise NotImplementedError
 
@@ -82,7 +86,7 @@ class _Mapped(Strict):
 
     def source(self, split: str) -> ExampleSource:
         """The split's examples (opened once: a file's line index is built once per run)."""
-        key = (split, _stamp(getattr(self, "_path", lambda s: None)(split)))
+        key = (split, _stamp(self._path(split)))
         if key not in self._sources:  # a rewritten file is opened afresh
             self._sources[key] = ExampleSource(self.reader(split), self.kind, self.field_map())
         return self._sources[key]

@@ -44,6 +44,9 @@ from typing import Any, Literal, Protocol
 import grain
 import numpy as np
 
+from jaxcl.data.pipeline import encode_all, encode_documents
+from jaxcl.data.sources import BadRowError
+
 PACKINGS = ("none", "concat", "segments")
 Packing = Literal["none", "concat", "segments"]
 #: Grain read options of the tokenizing pipeline: threads and the look-ahead (in documents)
@@ -132,11 +135,6 @@ class DocumentOrder:
         return int(self._order[self.position(int(q))])
 
 
-def document_order(n: int, seed: int, shard: tuple[int, int] = (0, 1)) -> DocumentOrder:
-    """The global order (one process) or process ``p``'s every-``P``-th share of it."""
-    return DocumentOrder(n, seed, shard)
-
-
 def _empty_row(width: int, pad: int, packed: bool) -> dict[str, np.ndarray]:
     row = {
         "tokens": np.full(width, pad, np.int32),
@@ -152,7 +150,7 @@ class RowStream:
     """Rows of one task from ``(position, document)`` pairs, by the stream's packing.
 
     ``documents(start)`` yields ``(q, doc)`` from local position ``start`` on (a Grain iterator
-    over :func:`document_order` mapped through the source). ``limit`` (local documents) ends the
+    over :class:`DocumentOrder` mapped through the source). ``limit`` (local documents) ends the
     stream after that many documents (epoch budgets); rows after the end are empty (mask 0).
     """
 
@@ -450,9 +448,6 @@ class TokenizedDocuments:
         return len(self.rows) if self.rows is not None else len(self.examples)
 
     def __getitem__(self, i: int) -> Any:
-        from jaxcl.data.pipeline import encode_all, encode_documents
-        from jaxcl.data.sources import BadRowError
-
         r = int(self.rows[i]) if self.rows is not None else int(i)
         try:
             example = self.examples[r]
@@ -501,10 +496,7 @@ def make_task_stream(
     """A task's batches on process ``shard``: documents of ``docs`` in a seeded order, packed
     into rows, ``pool`` rows mixed in at ``ratio``; ``budget`` (a
     :class:`~jaxcl.data.budget.Budget`) ends an epoch budget's stream after its documents."""
-    index, count = shard
-    if batch_size % count:
-        raise ValueError(f"batch_size {batch_size} is not divisible by the process count {count}")
-    block = batch_size // count if packing == "none" else 1
+    block = batch_size // shard[1] if packing == "none" else 1
     order = DocumentOrder(len(docs), seed, shard, block=block)
     limit = order.below(getattr(budget, "documents", None))
     rows = RowStream(
