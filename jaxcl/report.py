@@ -41,6 +41,28 @@ def stage_markdown(stage: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def data_markdown(stage: dict[str, Any]) -> str:
+    """What each task of a stage read: rows, tokens, replayed rows, truncated documents, and
+    the bad rows skipped (``on_bad_row: skip``) with the first places they were found."""
+    data = stage.get("data") or {}
+    if not data:
+        return ""
+    lines = [
+        f"### Data read in `{stage['name']}`",
+        "",
+        "| task | rows | tokens | replayed rows | truncated | skipped bad rows |",
+        "|---|---|---|---|---|---|",
+    ]
+    places = []
+    for task, read in data.items():
+        cells = [read.get(k, 0) for k in ("rows", "tokens", "replayed", "truncated", "skipped")]
+        lines.append(f"| {task} | " + " | ".join(f"{int(c):,}" for c in cells) + " |")
+        places += [f"- {task}: {where}" for where in read.get("bad_rows") or []]
+    if places:
+        lines += ["", "Skipped bad rows (the first of each task):", "", *places]
+    return "\n".join(lines) + "\n"
+
+
 def probes_markdown(probes: dict[str, Any]) -> str:
     """The cross-stage probe table and the survey's deltas ΔR^G, ΔR^I, ΔR^S."""
     lines = [
@@ -170,6 +192,8 @@ def write_report(run_dir: str | Path) -> Path:
     for stage in results["stages"]:
         image = plot_r_matrix(stage, run_dir / f"r_{stage['name']}.png")
         parts += [stage_markdown(stage), f"![R matrix of {stage['name']}]({image.name})", ""]
+        if stage.get("data"):
+            parts.append(data_markdown(stage))
     parts += [
         "## Loss",
         "",

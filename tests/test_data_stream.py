@@ -255,3 +255,37 @@ def test_none_packing_matches_the_in_memory_stream_of_earlier_versions():
         got = new.next_batch()
         np.testing.assert_array_equal(got["tokens"], old[k]["tokens"])
         np.testing.assert_array_equal(got["loss_mask"], old[k]["loss_mask"])
+
+
+def test_epoch_counts_are_kept_in_the_run_folder_and_follow_the_file(tmp_path):
+    """The counting pass of an ``epochs`` budget under packing runs once per data: a second
+    budget reads the counts from OUT_DIR/cache (no document is read), and a rewritten source
+    file gets a new cache entry."""
+    from types import SimpleNamespace
+
+    from jaxcl.train.data import lengths_cache
+
+    path = tmp_path / "c.jsonl"
+    texts = _corpus(path, n=25)
+    data = _data(path)
+    recipe = SimpleNamespace(out_dir=str(tmp_path / "run"))
+    cache = lengths_cache(recipe, data, TOK, 16)
+    assert cache is not None and cache.parent == tmp_path / "run" / "cache"
+    task = TaskSpec(name="t", data=data, epochs=1)
+    common = dict(packing="concat", batch_size=4, seq_len=16, seed=0, lengths_cache=cache)
+    first = task_budget(task, 1, docs=data.documents(TOK, 16), **common)
+    np.testing.assert_array_equal(np.load(cache), [len(t.encode("utf-8")) + 2 for t in texts])
+
+    class Unreadable:  # the documents, if the second budget read any of them
+        def __len__(self):
+            return len(texts)
+
+        def __getitem__(self, i):
+            raise AssertionError("a cached count read a document")
+
+    assert task_budget(task, 1, docs=Unreadable(), **common) == first
+    _corpus(path, n=25, seed=1)  # rewritten: same rows, other lengths
+    assert lengths_cache(recipe, _data(path), TOK, 16) != cache
+    assert lengths_cache(recipe, _data(path), TOK, 32) != lengths_cache(
+        recipe, _data(path), TOK, 16
+    )

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from jaxcl.cli import main
+from jaxcl.data.budget import document_lengths
 from jaxcl.data.pipeline import encode_documents
 from jaxcl.data.prepare import (
     MANIFEST,
@@ -342,3 +343,19 @@ def test_prepare_help_has_examples(capsys):
     with pytest.raises(SystemExit) as info:
         main(["prepare", "--help"])
     assert info.value.code == 0 and "example" in capsys.readouterr().out
+
+
+def test_prepared_lengths_equal_a_count_of_the_tokenized_documents(tmp_path):
+    """An epoch budget of a packed stage reads the documents' lengths from the shards; they
+    must equal a count of the same rows tokenized afresh (held-out eval rows left out)."""
+    train = _jsonl(tmp_path / "c.jsonl", _text_records(60), raw={17: "{not json"})
+    spec = _spec("text", train, eval_size=7, on_bad_row="skip")
+    fresh = spec.documents(TOK, 16)
+    counted = document_lengths(fresh)
+    prepare_data(spec, TOK)
+    prepared = spec.documents(TOK, 16)
+    assert type(prepared).__name__ == "PreparedDocuments"
+    got = prepared.lengths()
+    assert got is not None and got.shape == (len(fresh),) == (53,)
+    np.testing.assert_array_equal(got, counted)
+    assert (got == 0).sum() == 1  # the bad row, skipped

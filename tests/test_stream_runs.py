@@ -16,6 +16,7 @@ import yaml
 
 from jaxcl.plan import plan
 from jaxcl.recipe import load_recipe
+from jaxcl.report import write_report
 
 ROOT = Path(__file__).parent.parent
 
@@ -147,3 +148,5 @@ def test_a_bad_row_deep_in_the_file_stops_naming_it_or_is_skipped(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads((tmp_path / "run/results.json").read_text())["stages"][0]["data"]
     assert data["domain"]["skipped"] == 1 and "line 100" in data["domain"]["bad_rows"][0]
+    report = write_report(tmp_path / "run").read_text()  # and the report lists it
+    assert "| domain |" in report and "corpus.jsonl, line 100" in report

@@ -9,8 +9,9 @@
   packing: one per document (``none``), ``⌈(T − 1) / L⌉`` for ``T`` stream tokens (``concat``,
   rows overlap by one token), or as many as next-fit packing fills (``segments``, counted by
   running the packer over the documents' lengths). ``concat`` and ``segments`` need every
-  document's length: a counting pass over the task's documents (tokenized by the same
-  pipeline, or read from ``jaxcl prepare``'s shards).
+  document's length: read from ``jaxcl prepare``'s shards, or counted by one pass over the
+  task's documents (tokenized by the same pipeline) and kept in the run folder
+  (``OUT_DIR/cache/``), so a resumed run or a second dry run does not count again.
 
 Replayed rows take their share of the steps: a budget sets the steps, and with replay at ratio
 ``r`` about ``r`` of every batch holds memory rows instead of the task's.
@@ -23,7 +24,10 @@ rows).
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,8 +54,38 @@ class Budget:
     given: str = "steps"
 
 
-def document_lengths(docs: Any, threads: int = 4) -> np.ndarray:
-    """Every document's token count (0 for a skipped bad row), by one pass of the pipeline."""
+def document_lengths(docs: Any, threads: int = 4, *, cache: Path | None = None) -> np.ndarray:
+    """Every document's token count (0 for a skipped bad row): from ``jaxcl prepare``'s
+    shards when ``docs`` has them, else from ``cache`` (a ``.npy`` file written by an earlier
+    count of the same documents), else by one pass of the pipeline (then saved to ``cache``)."""
+    known = docs.lengths() if hasattr(docs, "lengths") else None
+    if known is not None:
+        return known
+    if cache is not None and cache.is_file():
+        try:
+            cached = np.load(cache, allow_pickle=False)
+        except (OSError, ValueError):
+            cached = None  # a damaged cache is counted again and rewritten
+        if cached is not None and cached.shape == (len(docs),):
+            return cached
+    lengths = _count_lengths(docs, threads)
+    if cache is not None:
+        _save_atomically(cache, lengths)
+    return lengths
+
+
+def _save_atomically(path: Path, array: np.ndarray) -> None:
+    """``array`` to ``path`` whole or not at all (a cache may be missing, never torn)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
+            np.save(f, array, allow_pickle=False)
+        os.replace(f.name, path)
+    except OSError:  # an unwritable folder: the count is only not kept
+        pass
+
+
+def _count_lengths(docs: Any, threads: int) -> np.ndarray:
     n = len(docs)
     order = _identity(n)
     read = pipeline(docs, order, threads=threads)
@@ -134,8 +168,10 @@ def task_budget(
     seq_len: int,
     seed: int,
     process_count: int = 1,
+    lengths_cache: Path | None = None,
 ) -> Budget:
-    """The budget of ``task`` (a :class:`~jaxcl.recipe.TaskSpec`) over its documents ``docs``."""
+    """The budget of ``task`` (a :class:`~jaxcl.recipe.TaskSpec`) over its documents ``docs``;
+    an epoch count of packed rows keeps the documents' lengths in ``lengths_cache``."""
     local = batch_size // process_count
     per_step = batch_size * seq_len
     known = None
@@ -151,7 +187,7 @@ def task_budget(
         steps = max(1, -(-total // batch_size))
         return Budget(steps, steps * per_step, total, known, "epochs")
     else:
-        lengths = document_lengths(docs)
+        lengths = document_lengths(docs, cache=lengths_cache)
         rows = _process_rows(
             lengths, docs=total, seed=seed, count=process_count, packing=packing, seq_len=seq_len
         )

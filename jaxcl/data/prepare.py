@@ -54,6 +54,7 @@ from jaxcl.data.spec import DataSpec
 FORMAT, VERSION = "jaxcl-prepared", 1
 SUFFIX = ".jaxcl-prepared"
 MANIFEST = "manifest.json"
+LENGTHS = "lengths.npy"  # every record's token count, for epoch budgets of packed stages
 SHARD_BYTES = 64 << 20  # a shard is closed once its records hold this many bytes
 CHUNK_ROWS = 256  # examples per batched tokenizer call
 BAD_ROW_PLACES = 20  # places of bad rows kept in the manifest
@@ -373,6 +374,7 @@ def prepare_data(
     tmp = _make_temp(target)
     writer = _ShardWriter(tmp, shard_bytes)
     counts = {"rows": total, "docs": 0, "tokens": 0, "trained_tokens": 0, "bad_rows": 0}
+    lengths = np.zeros(total, np.int64)  # tokens per source row (0: a bad row)
     places: list[dict[str, Any]] = []
     try:
         for lo in range(0, total, CHUNK_ROWS):
@@ -388,12 +390,14 @@ def prepare_data(
                     continue
                 ids, mask = doc
                 writer.write(encode_record(ids, mask))
+                lengths[i] = len(ids)
                 counts["docs"] += 1
                 counts["tokens"] += len(ids)
                 counts["trained_tokens"] += int(np.sum(mask, dtype=np.int64))
             if progress is not None:
                 progress(rows.stop, total)
         writer.close()
+        np.save(tmp / LENGTHS, lengths, allow_pickle=False)
         seconds = time.perf_counter() - start
         manifest = {
             "format": FORMAT,
@@ -406,6 +410,7 @@ def prepare_data(
             "counts": counts,
             "bad_row_places": places,
             "shards": writer.shards,
+            "lengths": LENGTHS,
             "seconds": round(seconds, 3),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -456,6 +461,20 @@ class PreparedDocs:
 
     def __len__(self) -> int:
         return int(self._starts[-1])
+
+    def lengths(self) -> np.ndarray | None:
+        """Every record's token count (0 for a skipped bad row); ``None`` for a cache written
+        before the counts were kept."""
+        name = self.manifest.get("lengths")
+        if name is None or not (self.folder / name).is_file():
+            return None
+        lengths = np.load(self.folder / name, allow_pickle=False)
+        if lengths.shape != (len(self),):
+            raise ValueError(
+                f"{self.folder / name}: {lengths.shape[0]} lengths for {len(self)} records; "
+                "run `jaxcl prepare` again"
+            )
+        return lengths
 
     def where(self, i: int) -> str:
         i = int(i)

@@ -34,6 +34,7 @@ from jaxcl.data.benchmarks import BUNDLED, generate, kind_of
 from jaxcl.data.layouts import read_olora, read_trace
 from jaxcl.data.sources import (
     CANONICAL,
+    BadRowError,
     ExampleSource,
     FieldMap,
     JsonArrayReader,
@@ -356,13 +357,22 @@ class DataSpec(Strict):
             examples, self.kind, tokenizer, seq_len=seq_len, rows=rows, skip=skip
         )
 
-    def sample(self, n: int = 16) -> list[dict[str, Any]]:
+    def sample(self, n: int = 16, *, skip_bad: bool = False) -> list[dict[str, Any]]:
         """The first ``n`` training examples, validated: what a recipe check reads of a source
-        (its schema and a sample, never the whole corpus)."""
+        (its schema and a sample, never the whole corpus). A bad row raises its
+        :class:`BadRowError`, or with ``skip_bad`` is left out."""
         if self.bundled is not None:
             return self.load("train")[:n]
         source = self.source.source("train")  # type: ignore[union-attr]
-        return source.sample(n) if hasattr(source, "sample") else [source[i] for i in range(n)]
+        if not skip_bad:
+            return source.sample(n) if hasattr(source, "sample") else [source[i] for i in range(n)]
+        rows = []
+        for i in range(min(n, len(source))):
+            try:
+                rows.append(source[i])
+            except BadRowError:
+                continue
+        return rows
 
     def dataset(self, split: str) -> grain.MapDataset:
         """The examples of ``split`` as a Grain ``MapDataset`` (lazy for file sources)."""
@@ -384,6 +394,10 @@ class TrainRows:
 
     def __len__(self) -> int:
         return self.size
+
+    def indices(self) -> np.ndarray:
+        """Every training row's source row, in order (``[self[i] for i in range(len(self))]``)."""
+        return np.delete(np.arange(self.n, dtype=np.int64), self.held)[: self.size]
 
     def __getitem__(self, i: int) -> int:
         i = int(i)

@@ -477,6 +477,14 @@ class PreparedDocuments:
             return Skipped(self.prepared.where(r), "skipped when prepared (on_bad_row: skip)")
         return doc
 
+    def lengths(self) -> np.ndarray | None:
+        """Every document's token count, from the shards' manifest (no document is read)."""
+        lengths = self.prepared.lengths()
+        if lengths is None or self.rows is None:
+            return lengths
+        rows = self.rows.indices() if hasattr(self.rows, "indices") else np.asarray(self.rows)
+        return lengths[rows]
+
 
 def make_task_stream(
     docs: DocumentSource,

@@ -9,13 +9,21 @@ held in memory.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from jaxcl.data.budget import Budget, task_budget
+from jaxcl.data.pipeline import encode_all
+from jaxcl.data.prepare import source_fingerprint, tokenizer_fingerprint
 from jaxcl.data.sources import BadRowError
+from jaxcl.data.spec import DataSpec
 from jaxcl.data.stream import TaskRows, TaskStream, make_task_stream
 from jaxcl.data.tokenize import special_ids
 from jaxcl.eval.tasks import task_eval
@@ -23,6 +31,8 @@ from jaxcl.recipe import StageSpec, TaskSpec
 
 #: examples whose prompts (or texts) stand for a task's instructions (InsCL's memory split)
 INSTRUCTION_SAMPLE = 1000
+#: the first training examples of every task validated before a run's first step
+CHECK_SAMPLE = 16
 
 
 class DataError(ValueError):
@@ -55,12 +65,32 @@ def _instructions(task: TaskSpec) -> list[str]:
     return [str(e.get("prompt", e.get("text", ""))) for e in rows]
 
 
+def lengths_cache(recipe: Any, data: DataSpec, tokenizer: Any, seq_len: int) -> Path | None:
+    """Where the token counts of ``data``'s training documents are kept in the run folder:
+    ``OUT_DIR/cache/lengths-<sha256>.npy``, the hash taken over the data spec, the source
+    files' sizes and mtimes, the tokenizer and ``seq_len`` (so any change counts again).
+    ``None`` for data generated or held in memory (counted in no time)."""
+    if data.source is None or data.source.type == "memory":
+        return None
+    key = {
+        "data": data.model_dump(mode="json"),
+        "files": source_fingerprint(data)["files"],
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "seq_len": seq_len,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return Path(recipe.out_dir) / "cache" / f"lengths-{digest[:32]}.npy"
+
+
 def documents_and_budget(
     recipe: Any, stage: StageSpec, t: int, tokenizer: Any, *, process_count: int = 1
 ) -> tuple[Any, Budget]:
     """Task ``t``'s training documents (read lazily) and its budget in steps."""
     task = stage.tasks[t]
     docs = task.data.documents(tokenizer, stage.seq_len)
+    cache = None
+    if task.epochs is not None and stage.row_packing != "none":  # a count of packed rows
+        cache = lengths_cache(recipe, task.data, tokenizer, stage.seq_len)
     budget = task_budget(
         task,
         stage.steps_per_task,
@@ -70,8 +100,54 @@ def documents_and_budget(
         seq_len=stage.seq_len,
         seed=task_seed(recipe, t),
         process_count=process_count,
+        lengths_cache=cache,
     )
     return docs, budget
+
+
+def first_trained(example_rows: list[dict[str, np.ndarray]]) -> list[int]:
+    """The smallest ``seq_len`` that keeps a trained token of each encoded whole example
+    (the position of its first loss-masked token, plus one; 0 when it has none)."""
+    out = []
+    for row in example_rows:
+        masks = [v for k, v in row.items() if k.endswith("mask")]
+        firsts = [int(np.argmax(m)) + 1 if m.any() else 0 for m in masks]
+        out.append(min(firsts) if all(firsts) else 0)
+    return out
+
+
+def check_stage_data(stage: StageSpec, tokenizer: Any, warn: Callable[[str], None] = print) -> None:
+    """Validate what every task of ``stage`` will read before any stage trains: the schema
+    and the first :data:`CHECK_SAMPLE` training rows of each source, its eval split, and
+    that rows cut at ``seq_len`` (``packing: none``) keep a trained token. Raises
+    :class:`DataError` naming the stage, task, file and line; warns when only some of the
+    sampled rows would train nothing."""
+    for task in stage.tasks:
+        where = f"stage {stage.name}, task {task.name}"
+        try:
+            examples = task.data.sample(CHECK_SAMPLE, skip_bad=task.data.on_bad_row == "skip")
+            task.data.load("eval")
+            encoded = encode_all(examples, task.data.kind, tokenizer, None)
+        except (BadRowError, ValueError) as err:
+            raise DataError(f"{where}: {err}") from None
+        if not examples:
+            raise DataError(f"{where}: the training split has no examples")
+        if stage.row_packing != "none":
+            continue  # packed rows keep every token: a long document goes on in the next row
+        needs = first_trained(encoded)
+        empty = sum(1 for n in needs if n == 0 or n > stage.seq_len)
+        longest = max(needs)
+        if empty == len(needs):
+            raise DataError(
+                f"{where}: none of the first {len(needs)} examples keeps a trained token at "
+                f"seq_len {stage.seq_len} (the prompt fills the row, or no token is trained); "
+                f"training would see no signal. seq_len {longest} keeps one in each of them"
+            )
+        if empty:
+            warn(
+                f"{where}: {empty} of the first {len(needs)} examples keep no trained token "
+                f"at seq_len {stage.seq_len} (seq_len {longest} keeps one in each)"
+            )
 
 
 def task_data(ctx: Any, stage: StageSpec) -> list[TaskData]:

@@ -29,6 +29,7 @@ from jaxcl.train.context import (
     make_context,
     write_json,
 )
+from jaxcl.train.data import check_stage_data
 from jaxcl.train.stage import TrainingDiverged, run_stage, stage_result, warn_unreadable
 
 __all__ = [
@@ -203,6 +204,8 @@ def run_recipe(
     params = params if parent is None else point.params  # the first stage: the initial model
     for result in stages:
         _print_stage(console, result)
+    for stage in recipe.stages[point.stage :]:  # every stage's data, before any of them trains
+        check_stage_data(stage, ctx.tokenizer, warn=console.print)
     for index in range(point.stage, len(recipe.stages)):
         stage = recipe.stages[index]
         candidates = point.candidates if index == point.stage else []
