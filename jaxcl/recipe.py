@@ -316,6 +316,12 @@ class Recipe(Strict):
         raw = self.model_dump(mode="json", exclude={"compare"})
         raw["out_dir"] = str(Path(self.out_dir) / "compare" / name)
         for path, value in self.compare[name].items():
+    stall_steps: int = Field(
+        25,
+        ge=0,
+        description="stop the run when the gradient norm is zero for this many consecutive "
+        "steps of a task (no signal: nothing is learned); 0 turns the check off",
+    )
             set_path(raw, path, value, f"compare.{name}.{path}")
         return validate(raw, source=f"compare.{name}")
 
@@ -343,7 +349,7 @@ class Recipe(Strict):
         without where it is stored and how it is laid out on devices (``out_dir``, ``mesh``,
         ``rules``, ``checkpoint_every``), so a run can resume on another mesh or folder.
         ``stages=k``: of the run's first ``k`` stages only (what two recipes share)."""
-        placement = {"out_dir", "mesh", "rules", "checkpoint_every", "compare"}
+        placement = {"out_dir", "mesh", "rules", "checkpoint_every", "stall_steps", "compare"}
         raw = self.model_dump(mode="json", exclude=placement)
         if stages is not None:
             raw["stages"] = raw["stages"][:stages]

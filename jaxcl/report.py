@@ -50,13 +50,16 @@ def data_markdown(stage: dict[str, Any]) -> str:
     lines = [
         f"### Data read in `{stage['name']}`",
         "",
-        "| task | rows | tokens | replayed rows | truncated | skipped bad rows |",
+        "| task | rows | tokens | replayed rows | truncated rows (share) | skipped bad rows |",
         "|---|---|---|---|---|---|",
     ]
     places = []
     for task, read in data.items():
-        cells = [read.get(k, 0) for k in ("rows", "tokens", "replayed", "truncated", "skipped")]
-        lines.append(f"| {task} | " + " | ".join(f"{int(c):,}" for c in cells) + " |")
+        rows, cut = int(read.get("rows", 0)), int(read.get("truncated", 0))
+        cells = [f"{int(read.get(k, 0)):,}" for k in ("rows", "tokens", "replayed")]
+        cells.append(f"{cut:,} ({cut / rows:.1%})" if rows else f"{cut:,}")
+        cells.append(f"{int(read.get('skipped', 0)):,}")
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
         places += [f"- {task}: {where}" for where in read.get("bad_rows") or []]
     if places:
         lines += ["", "Skipped bad rows (the first of each task):", "", *places]

@@ -289,3 +289,13 @@ def test_epoch_counts_are_kept_in_the_run_folder_and_follow_the_file(tmp_path):
     assert lengths_cache(recipe, _data(path), TOK, 32) != lengths_cache(
         recipe, _data(path), TOK, 16
     )
+
+
+def test_packing_none_counts_the_documents_it_truncates(tmp_path):
+    """Oracle: a document is cut when bos + text + eos is longer than the row (seq_len + 1
+    positions: inputs and the shifted targets); the count the report's share comes from."""
+    texts = _corpus(tmp_path / "c.jsonl", n=40, longest=12)
+    _, _, stream = _epoch(_data(tmp_path / "c.jsonl"), "none", seq_len=32)
+    longer = sum(1 for t in texts if len(t.encode("utf-8")) + 2 > 33)
+    assert 0 < longer < len(texts)
+    assert stream.state()["truncated"] == longer

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +55,10 @@ from jaxcl.train.step import TrainState, make_train_step, state_shardings_for
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+class TrainingStalled(TrainingDiverged):
+    """The gradient norm stayed zero for ``stall_steps`` steps; the message names the step."""
 
 
 @dataclass
@@ -323,6 +328,7 @@ class StageRun:
         stepped = any(h.phase == "step" for h in program.hooks)
         self.stream, memory = self.streams(t, first)
         pending = None  # the previous step's metrics, checked one step behind (no stall)
+        watch = StepWatch(stage, task, lambda: self.parent, recipe.stall_steps)
         for k in range(first, steps):
             rows = read_batch(self.stream, stage, task, self.parent)
             batch = self.ctx.put_rows(rows)
@@ -335,18 +341,18 @@ class StageRun:
             if stepped:
                 self.carry = run_step_hooks(program.hooks, k, ctx, self.carry)
             self.speed.steps += 1
-            _check_finite(pending, stage, task, self.parent)
+            watch(pending)
             pending = (k, metrics)
             last = k + 1 == steps
             if (k + 1) % recipe.log_every == 0 or last:
-                _check_finite(pending, stage, task, self.parent)
+                watch(pending)
                 self.log_metrics(task, metrics, progress, bar)
             progress.advance(bar)
             every = recipe.checkpoint_every
             if every and int(cursor.state.step) % every == 0 and not last:
-                _check_finite(pending, stage, task, self.parent)
+                watch(pending)
                 self.save(t, k + 1, done=False)
-        _check_finite(pending, stage, task, self.parent)
+        watch(pending)
 
     def log_metrics(self, task: TaskData, metrics, progress, bar) -> None:
         entry = {key: float(parallel.to_host(v)) for key, v in metrics.items()}
@@ -592,16 +598,43 @@ def unmasked(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.zeros_like(v) if k.endswith("mask") else v for k, v in batch.items()}
 
 
-def _check_finite(pending, stage: StageSpec, task: TaskData, parent: str | None) -> None:
-    if pending is None:
-        return
-    k, metrics = pending
-    loss = float(parallel.to_host(metrics["loss"]))
-    if not np.isfinite(loss):
-        raise TrainingDiverged(
-            f"loss is {loss} at stage {stage.name!r}, task {task.name!r}, step {k + 1} of the "
-            f"task; the run stopped there. Last good checkpoint: {parent or 'none'}"
-        )
+class StepWatch:
+    """Checks each step's metrics one step behind (no stall of the device queue): a loss that
+    is not finite stops the run at once; a gradient norm of exactly zero for ``stall``
+    consecutive steps (no signal: every trained token masked away, or a model driven into
+    saturation) stops it too. Each step is judged once, however often it is asked."""
+
+    def __init__(
+        self, stage: StageSpec, task: TaskData, parent: Callable[[], str | None], stall: int
+    ):
+        # parent: the last good checkpoint when asked (a mid-task save moves it on)
+        self.stage, self.task, self.parent, self.stall = stage, task, parent, stall
+        self.zero_steps, self.seen = 0, -1
+
+    def __call__(self, pending) -> None:
+        if pending is None or pending[0] == self.seen:
+            return
+        k, metrics = pending
+        self.seen = k
+        where = f"stage {self.stage.name!r}, task {self.task.name!r}, step {k + 1} of the task"
+        loss = float(parallel.to_host(metrics["loss"]))
+        if not np.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss is {loss} at {where}; the run stopped there. "
+                f"Last good checkpoint: {self.parent() or 'none'}"
+            )
+        if not self.stall:
+            return
+        zero = float(parallel.to_host(metrics["grad_norm"])) == 0.0
+        self.zero_steps = self.zero_steps + 1 if zero else 0
+        if self.zero_steps >= self.stall:
+            raise TrainingStalled(
+                f"the gradient norm has been 0 for {self.zero_steps} consecutive steps at "
+                f"{where} (loss {loss:.4f}): training has no signal (rows with no trained "
+                "token, or a learning rate that saturated the model). The run stopped there. "
+                f"Last good checkpoint: {self.parent() or 'none'} (stall_steps: 0 turns the "
+                "check off)"
+            )
 
 
 def _step_dir(reference: str):
