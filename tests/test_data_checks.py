@@ -123,3 +123,18 @@ def test_some_rows_without_a_trained_token_are_counted_in_a_warning(tmp_path):
     warnings = []
     check_stage_data(recipe.stages[1], TOK, warnings.append)
     assert len(warnings) == 1 and "12 of the first 16 examples" in warnings[0]
+
+
+def test_a_one_line_source_is_refused_naming_stage_and_task(tmp_path):
+    """A corpus that is one long line (a JSON array written as JSON lines) holds one example:
+    holding out the eval rows would leave none; the message names where it was found."""
+    second = tmp_path / "second.jsonl"
+    second.write_text(json.dumps({"prompt": "x " * 200_000, "response": "y"}) + "\n")
+    recipe = load_recipe(_recipe(tmp_path, second))
+    try:
+        check_stage_data(recipe.stages[1], TOK)
+    except DataError as err:
+        message = str(err)
+    else:
+        raise AssertionError("a one-example source was accepted")
+    assert message.startswith("stage two, task b: ") and "1 training examples" in message

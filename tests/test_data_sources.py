@@ -362,3 +362,27 @@ def test_bad_preference_rows_name_file_and_line(tmp_path, row, message):
     spec = DataSpec(source={"type": "jsonl", "kind": "preference", "train": str(path)}, eval_size=1)
     with pytest.raises(ValueError, match=rf"prefs\.jsonl, {message}"):
         spec.load("train")
+
+
+@pytest.mark.parametrize(
+    "kind, record, field",
+    [
+        ("instruction", {"prompt": "q", "response": ""}, "response"),
+        ("instruction", {"prompt": "q", "response": "  \n"}, "response"),
+        ("preference", {"prompt": "q", "chosen": "", "rejected": "no"}, "chosen"),
+        ("preference", {"prompt": "q", "chosen": "yes", "rejected": " "}, "rejected"),
+    ],
+)
+def test_an_empty_trained_field_is_refused_naming_file_and_line(tmp_path, kind, record, field):
+    good = {"prompt": "q", "response": "a", "chosen": "yes", "rejected": "no"}
+    path = _jsonl(tmp_path / "e.jsonl", [json.dumps(good), json.dumps(record)])
+    spec = DataSpec(source={"type": "jsonl", "kind": kind, "train": str(path), "eval": str(path)})
+    with pytest.raises(ValueError, match=rf"e\.jsonl, line 2: field '{field}' .* is empty"):
+        spec.load("train")
+
+
+def test_an_empty_prompt_or_document_is_kept(tmp_path):
+    path = _jsonl(tmp_path / "p.jsonl", [json.dumps({"prompt": "", "response": "a", "text": ""})])
+    for kind in ("instruction", "text"):
+        src = {"type": "jsonl", "kind": kind, "train": str(path), "eval": str(path)}
+        assert len(DataSpec(source=src).load("train")) == 1

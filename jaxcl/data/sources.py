@@ -515,6 +515,10 @@ def _get(record: dict[str, Any], path: str, canonical: str, where: str) -> Any:
     return value
 
 
+#: fields a row trains on, refused when empty or blank (a prompt or a document may be empty)
+_NON_EMPTY = frozenset({"response", "chosen", "rejected"})
+
+
 def _string(record: dict[str, Any], fm: FieldMap, canonical: str, where: str) -> str:
     path = fm.column(canonical)
     value = _get(record, path, canonical, where)
@@ -523,6 +527,10 @@ def _string(record: dict[str, Any], fm: FieldMap, canonical: str, where: str) ->
             where,
             f"field {path!r} (the {canonical}) must be a string, "
             f"got {type(value).__name__} {value!r:.60}",
+        )
+    if canonical in _NON_EMPTY and not value.strip():
+        raise BadRowError(
+            where, f"field {path!r} (the {canonical}) is empty: there is nothing to train on"
         )
     return value
 
