@@ -23,7 +23,7 @@ def test_convert_hf_to_gguf_and_back(tmp_path, capsys):
 
 def test_convert_reports_bad_input(tmp_path, capsys):
     (tmp_path / "bad").mkdir()
-    assert convert_main(str(tmp_path / "bad"), str(tmp_path / "out")) == 1
+    assert convert_main(str(tmp_path / "bad"), str(tmp_path / "out")) == 2
     assert "no config.json" in capsys.readouterr().err
 
 

@@ -12,7 +12,12 @@ from typing import Any
 
 import numpy as np
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+from jaxcl.models.hf_config import (  # noqa: F401  (re-exported)
+    SUPPORTED_MODEL_TYPES,
+    ConfigError,
+    HFConfig,
+    parse_hf_config,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,76 +340,52 @@ def preset(name: str) -> ModelConfig:
         ) from None
 
 
-class ConfigError(ValueError):
-    """A model config (``config.json`` or GGUF metadata) that jaxcl cannot use; names the field."""
-
-
-def from_hf_config(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
-    """A :class:`ModelConfig` from a transformers ``config.json`` dict (v4 or v5 layout)."""
-
-    def need(key: str) -> Any:
-        if key not in hf or hf[key] is None:
-            raise ConfigError(f"{where}: missing field {key!r}")
-        return hf[key]
-
-    model_type = hf.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(
-            f"{where}: field 'model_type' is {model_type!r}; jaxcl supports "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"{where}: field 'hidden_act' is {hf['hidden_act']!r}; only silu")
-    rope = dict(hf.get("rope_parameters") or {})
-    legacy = hf.get("rope_scaling") or {}
-    rope = {**legacy, **rope}
-    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+def from_hf_config(hf: Any, where: str = "config.json") -> ModelConfig:
+    """A :class:`ModelConfig` from a transformers ``config.json`` dict (v4 or v5 layout), parsed
+    strictly by :func:`parse_hf_config`."""
+    p = parse_hf_config(hf, where)
+    # v5's rope_parameters wins over the legacy rope_scaling, key by key.
+    rope: dict[str, Any] = {}
+    for part in (p.rope_scaling, p.rope_parameters):
+        if part is not None:
+            rope.update(part.model_dump(exclude_none=True))
+    theta = rope.get("rope_theta", p.rope_theta if p.rope_theta is not None else 10_000.0)
     kind = rope.get("rope_type", rope.get("type", "default"))
     scaling = None
-    if kind not in ("default", None):
-        try:
-            scaling = RopeScaling(
-                kind,
-                float(rope["factor"]),
-                float(rope.get("low_freq_factor", 1.0)),
-                float(rope.get("high_freq_factor", 4.0)),
-                int(rope.get("original_max_position_embeddings", 8192)),
-            )
-        except (ValueError, KeyError) as err:
-            raise ConfigError(f"{where}: field 'rope_parameters': {err}") from None
-    if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise ConfigError(f"{where}: field 'partial_rotary_factor' != 1 is not supported")
-    window = None
-    if model_type == "mistral":
-        window = hf.get("sliding_window")
-    elif model_type == "qwen2" and hf.get("use_sliding_window"):
-        raise ConfigError(
-            f"{where}: field 'use_sliding_window' is true; Qwen2's per-layer sliding window is not "
-            "supported"
+    if kind != "default":
+        scaling = RopeScaling(
+            kind,
+            rope["factor"],
+            rope.get("low_freq_factor", 1.0),
+            rope.get("high_freq_factor", 4.0),
+            rope.get("original_max_position_embeddings", 8192),
         )
-    heads = int(need("num_attention_heads"))
-    bias = bool(hf.get("attention_bias", False))
-    return ModelConfig(
-        vocab_size=int(need("vocab_size")),
-        hidden_size=int(need("hidden_size")),
-        intermediate_size=int(need("intermediate_size")),
-        num_layers=int(need("num_hidden_layers")),
-        num_heads=heads,
-        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-        head_dim=hf.get("head_dim"),
-        rope_theta=theta,
-        rope_scaling=scaling,
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=bias or model_type == "qwen2",
-        o_bias=bias,
-        mlp_bias=bool(hf.get("mlp_bias", False)),
-        sliding_window=int(window) if window else None,
-        max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-        model_type=model_type,
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=hf.get("eos_token_id"),
-    )
+    window = p.sliding_window if p.model_type == "mistral" else None
+    eos = p.eos_token_id
+    try:
+        return ModelConfig(
+            vocab_size=p.vocab_size,
+            hidden_size=p.hidden_size,
+            intermediate_size=p.intermediate_size,
+            num_layers=p.num_hidden_layers,
+            num_heads=p.num_attention_heads,
+            num_kv_heads=p.num_key_value_heads or p.num_attention_heads,
+            head_dim=p.head_dim,
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            rms_norm_eps=p.rms_norm_eps,
+            tie_embeddings=p.tie_word_embeddings,
+            qkv_bias=p.attention_bias or p.model_type == "qwen2",
+            o_bias=p.attention_bias,
+            mlp_bias=p.mlp_bias,
+            sliding_window=window or None,
+            max_position_embeddings=p.max_position_embeddings,
+            model_type=p.model_type,
+            bos_token_id=p.bos_token_id,
+            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+        )
+    except ValueError as err:  # cross-field checks of ModelConfig, should parse_hf_config miss one
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def to_hf_config(cfg: ModelConfig) -> Any:

@@ -16,6 +16,8 @@ from jaxcl.models.config import ConfigError, ModelConfig, RopeScaling
 from jaxcl.models.hf import CheckpointError, _cast
 
 ARCHITECTURES = ("llama", "qwen2")
+# GGML tensor types holding plain integers (no block scales): never valid weights.
+INTEGER_TENSOR_TYPES = ("I8", "I16", "I32", "I64")
 
 
 def _reader(path: Path) -> Any:
@@ -47,70 +49,100 @@ def _reader(path: Path) -> Any:
         ) from None
 
 
-def _field(reader: Any, key: str, path: Path, default: Any = ConfigError) -> Any:
+_INT_TYPES = ("UINT8", "INT8", "UINT16", "INT16", "UINT32", "INT32", "UINT64", "INT64")
+_KINDS = {
+    "int": (_INT_TYPES, "an integer"),
+    "float": ((*_INT_TYPES, "FLOAT32", "FLOAT64"), "a number"),
+    "str": (("STRING",), "a string"),
+    "array": (("ARRAY",), "an array"),
+}
+
+
+def _field(
+    reader: Any, key: str, path: Path, default: Any = ConfigError, kind: str | None = None
+) -> Any:
+    """A metadata value; with ``kind`` (int, float, str, array) its stored GGUF type is checked,
+    so a string where an integer belongs is named rather than coerced."""
     field = reader.fields.get(key)
     if field is None:
         if default is ConfigError:
             raise ConfigError(f"{path}: GGUF metadata field {key!r} is missing")
         return default
+    if kind is not None:
+        allowed, what = _KINDS[kind]
+        stored = field.types[0].name if field.types else "?"
+        if stored not in allowed:
+            raise ConfigError(
+                f"{path}: GGUF metadata field {key!r} must be {what}, but is stored as {stored}"
+            )
     value = field.contents()
+    if kind in ("int", "float") and value <= 0 and not key.endswith(("token_id", "sliding_window")):
+        raise ConfigError(f"{path}: GGUF metadata field {key!r} must be > 0, got {value}")
     return value
 
 
 def gguf_config(reader: Any, path: Path) -> ModelConfig:
     """The :class:`ModelConfig` from GGUF metadata; errors name the file and the field."""
-    arch = _field(reader, "general.architecture", path)
+    arch = _field(reader, "general.architecture", path, kind="str")
     if arch not in ARCHITECTURES:
         raise ConfigError(
             f"{path}: field 'general.architecture' is {arch!r}; jaxcl reads "
             f"{', '.join(ARCHITECTURES)}"
         )
-    f = lambda key, default=ConfigError: _field(reader, f"{arch}.{key}", path, default)
+
+    def f(key: str, default: Any = ConfigError, kind: str = "int") -> Any:
+        return _field(reader, f"{arch}.{key}", path, default, kind)
+
     names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in names:
         raise ConfigError(
             f"{path}: tensor 'rope_freqs.weight' (llama.cpp's precomputed rope scaling) is not "
             "supported; load the Hugging Face checkpoint instead"
         )
-    heads = int(f("attention.head_count"))
-    hidden = int(f("embedding_length"))
-    head_dim = int(f("attention.key_length", hidden // heads))
+    heads = f("attention.head_count")
+    hidden = f("embedding_length")
+    head_dim = f("attention.key_length", hidden // heads)
     vocab = f("vocab_size", None)
     if vocab is None:
-        vocab = len(_field(reader, "tokenizer.ggml.tokens", path))
+        vocab = len(_field(reader, "tokenizer.ggml.tokens", path, kind="array"))
     scaling = None
-    kind = f("rope.scaling.type", "none")
+    kind = f("rope.scaling.type", "none", "str")
     if kind == "linear":
-        scaling = RopeScaling("linear", float(f("rope.scaling.factor")))
+        scaling = RopeScaling("linear", float(f("rope.scaling.factor", kind="float")))
     elif kind not in ("none", None):
         raise ConfigError(f"{path}: field '{arch}.rope.scaling.type' = {kind!r} is not supported")
     window = f("attention.sliding_window", None)
-    return ModelConfig(
-        vocab_size=int(vocab),
-        hidden_size=hidden,
-        intermediate_size=int(f("feed_forward_length")),
-        num_layers=int(f("block_count")),
-        num_heads=heads,
-        num_kv_heads=int(f("attention.head_count_kv", heads)),
-        head_dim=head_dim,
-        rope_theta=float(f("rope.freq_base", 10_000.0)),
-        rope_scaling=scaling,
-        rms_norm_eps=float(f("attention.layer_norm_rms_epsilon", 1e-5)),
-        tie_embeddings="output.weight" not in names,
-        qkv_bias="blk.0.attn_q.bias" in names,
-        o_bias="blk.0.attn_output.bias" in names,
-        mlp_bias="blk.0.ffn_gate.bias" in names,
-        sliding_window=int(window) if window else None,
-        max_position_embeddings=int(f("context_length", 2048)),
-        model_type="qwen2" if arch == "qwen2" else "mistral" if window else "llama",
-        bos_token_id=_int_or_none(_field(reader, "tokenizer.ggml.bos_token_id", path, None)),
-        eos_token_id=_int_or_none(_field(reader, "tokenizer.ggml.eos_token_id", path, None)),
-        tokenizer=str(path),
-    )
-
-
-def _int_or_none(x: Any) -> int | None:
-    return None if x is None else int(x)
+    kv_heads = f("attention.head_count_kv", heads)
+    if heads % kv_heads:
+        raise ConfigError(
+            f"{path}: GGUF metadata field '{arch}.attention.head_count' ({heads}) must be a "
+            f"multiple of '{arch}.attention.head_count_kv' ({kv_heads})"
+        )
+    try:
+        return ModelConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=f("feed_forward_length"),
+            num_layers=f("block_count"),
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            rope_theta=float(f("rope.freq_base", 10_000.0, "float")),
+            rope_scaling=scaling,
+            rms_norm_eps=float(f("attention.layer_norm_rms_epsilon", 1e-5, "float")),
+            tie_embeddings="output.weight" not in names,
+            qkv_bias="blk.0.attn_q.bias" in names,
+            o_bias="blk.0.attn_output.bias" in names,
+            mlp_bias="blk.0.ffn_gate.bias" in names,
+            sliding_window=window or None,
+            max_position_embeddings=f("context_length", 2048),
+            model_type="qwen2" if arch == "qwen2" else "mistral" if window else "llama",
+            bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id", path, None, "int"),
+            eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id", path, None, "int"),
+            tokenizer=str(path),
+        )
+    except ValueError as err:  # ModelConfig's cross-field checks (heads vs kv heads...)
+        raise ConfigError(f"{path}: GGUF metadata: {err}") from None
 
 
 def _rope_permute(w: np.ndarray, heads: int, inverse: bool) -> np.ndarray:
@@ -194,6 +226,12 @@ def load_gguf(path: str | Path, param_dtype: str | None = None) -> tuple[ModelCo
         if name not in tensors:
             raise CheckpointError(f"{path}: tensor {name!r} is missing")
         t = tensors.pop(name)
+        if t.tensor_type.name in INTEGER_TENSOR_TYPES:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} is stored as {t.tensor_type.name}; jaxcl loads float "
+                "(F32, F16, BF16, F64) and llama.cpp's block-quantized types (dequantized by the "
+                "gguf package), never plain integer weights"
+            )
         try:
             w = dequantize(t.data, t.tensor_type)
         except Exception as err:  # noqa: BLE001
@@ -265,6 +303,69 @@ def save_gguf(cfg: ModelConfig, params: dict, path: str | Path, dtype: str = "fl
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+# transformers' names for the tokenizer's special tokens -> their GGUF id fields.
+_SPECIAL_TOKENS = {
+    "bos_token": "bos_token_id",
+    "eos_token": "eos_token_id",
+    "unk_token": "unknown_token_id",
+    "pad_token": "padding_token_id",
+}
+
+
+def gguf_tokenizer(path: str | Path) -> Any:
+    """The transformers tokenizer of a GGUF file's ``tokenizer.ggml.*`` metadata, without torch.
+
+    It is built as ``AutoTokenizer.from_pretrained(dir, gguf_file=...)`` builds it (transformers'
+    own vocabulary, merges, special-token and pre-tokenizer rules,
+    ``transformers.integrations.gguf.convert_gguf_tokenizer``), but the metadata is read with the
+    gguf package: transformers' GGUF reader imports torch, which jaxcl does not need."""
+    path = Path(path)
+    try:
+        from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+    except ImportError:  # a transformers without its GGUF tokenizer module: its own loader
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(
+            str(path.parent), gguf_file=path.name, local_files_only=True
+        )
+    from transformers import PreTrainedTokenizerFast
+
+    reader = _reader(path)
+    if "tokenizer.ggml.tokens" not in reader.fields:
+        raise CheckpointError(f"{path}: no tokenizer in the metadata ('tokenizer.ggml.tokens')")
+    arch = _field(reader, "general.architecture", path, kind="str")
+    meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    grouped = {
+        group: {
+            name: meta["tokenizer." + key]
+            for key, name in keys.items()
+            if "tokenizer." + key in meta
+        }
+        for group, keys in GGUF_TOKENIZER_MAPPING.items()
+    }
+    tokenizer, config = grouped["tokenizer"], grouped.get("tokenizer_config", {})
+    if tokenizer.get("tokenizer_type") == "llama":
+        config.setdefault("add_bos_token", True)  # llama.cpp's default for sentencepiece vocabs
+    elif tokenizer.get("tokenizer_type") == "gemma4":
+        config["add_bos_token"] = False  # as transformers: its chat template writes <bos>
+    tokens = tokenizer["tokens"]
+    for name, key in _SPECIAL_TOKENS.items():
+        token_id = meta.get(f"tokenizer.ggml.{key}")
+        if token_id is not None and not 0 <= token_id < len(tokens):
+            raise CheckpointError(
+                f"{path}: GGUF metadata field 'tokenizer.ggml.{key}' is {token_id}, outside the "
+                f"vocabulary of {len(tokens)} tokens"
+            )
+        config[name] = tokens[token_id] if token_id is not None else None
+    try:
+        backend, extra = convert_gguf_tokenizer(arch, tokenizer)
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"{path}: the GGUF tokenizer cannot be built ({err})") from None
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, name_or_path=str(path), **config, **extra
+    )
 
 
 def _copy_tokenizer(cfg: ModelConfig, writer: Any) -> None:

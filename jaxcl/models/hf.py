@@ -19,6 +19,8 @@ from jaxcl.models.config import ConfigError, ModelConfig, from_hf_config, to_hf_
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 INDEX = "model.safetensors.index.json"
+# safetensors dtypes a weight may have; anything else (I8, I32, BOOL, F8_*...) is refused.
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 class CheckpointError(ValueError):
@@ -80,8 +82,8 @@ def read_config(directory: Path) -> ModelConfig:
     if not path.is_file():
         raise CheckpointError(f"{directory}: no config.json (an HF model directory needs one)")
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid JSON ({err})") from None
     cfg = from_hf_config(raw, where=str(path))
     return cfg.replace(tokenizer=str(directory))
@@ -91,9 +93,15 @@ def _weight_files(directory: Path) -> list[Path]:
     index = directory / INDEX
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
+            weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
             raise CheckpointError(f"{index}: unreadable index ({err!r})") from None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()
+        ):
+            raise CheckpointError(
+                f"{index}: field 'weight_map' must be a JSON object of tensor name -> file name"
+            )
         files = [directory / name for name in dict.fromkeys(weight_map.values())]
         for f in files:
             if not f.is_file():
@@ -120,6 +128,14 @@ def read_tensors(directory: Path) -> dict[str, tuple[np.ndarray, Path]]:
         try:
             with safe_open(str(path), framework="numpy") as f:
                 for name in f.keys():
+                    dtype = f.get_slice(name).get_dtype()
+                    if dtype not in FLOAT_DTYPES:
+                        raise CheckpointError(
+                            f"{path}: tensor {name!r} is stored as {dtype}; jaxcl loads only "
+                            f"floating-point weights ({', '.join(FLOAT_DTYPES)}). Integer, boolean "
+                            "or FP8 weights mean a quantized (or corrupt) checkpoint, whose "
+                            "scales jaxcl does not apply: dequantize it to float first"
+                        )
                     try:
                         out[name] = (f.get_tensor(name), path)
                     except Exception as err:  # noqa: BLE001 - rethrown with the file and tensor

@@ -198,10 +198,12 @@ def load_tokenizer(source: str | Path | Decoder) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        if kind == "gguf":
-            return AutoTokenizer.from_pretrained(
-                str(target.parent), gguf_file=target.name, local_files_only=True
-            )
+        if kind == "gguf":  # built from the metadata with the gguf package: no torch needed
+            from jaxcl.models.ggufio import gguf_tokenizer
+
+            return gguf_tokenizer(target)
         return AutoTokenizer.from_pretrained(str(target), local_files_only=True)
+    except CheckpointError:  # already names the file
+        raise
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{target}: no usable tokenizer ({err})") from None
