@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 EXAMPLES = {
     "run": """examples:
@@ -25,7 +26,10 @@ EXAMPLES = {
     "eval": """example:
   jaxcl eval runs/quickstart/checkpoints/cit/120 recipes/quickstart.yaml
   jaxcl eval runs/quickstart/checkpoints/cit/120 recipes/quickstart.yaml --json scores.json""",
-    "report": "example:\n  jaxcl report runs/quickstart",
+    "report": """examples:
+  jaxcl report runs/quickstart
+  # the run's R beside TRACE's published ones (Tables 8, 13, 18), OP and BWT of both:
+  jaxcl report runs/trace --published tests/fixtures/trace_published.yaml""",
     "convert": """examples:
   jaxcl convert /path/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/smollm2-hf
   jaxcl convert /tmp/smollm2-hf /tmp/smollm2.gguf --dtype float32""",
@@ -94,6 +98,14 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     report.add_argument("run_dir")
+    report.add_argument(
+        "--published",
+        action="append",
+        metavar="FILE",
+        help="a YAML/JSON file of published R matrices (tasks, R, source; docs/metrics.md): "
+        "print each beside the run's stage with its tasks, with OP and BWT of both, and add it "
+        "to report.md (repeatable)",
+    )
 
     bench = sub.add_parser(
         "bench", help="time the train step", epilog=EXAMPLES["bench"], formatter_class=fmt
@@ -132,6 +144,7 @@ def _run(args: argparse.Namespace) -> int:
     from jaxcl.compare import run_with_variants
     from jaxcl.recipe import load_recipe
     from jaxcl.report import write_report
+    from jaxcl.train.runner import claim_run_dir
 
     recipe = load_recipe(args.recipe, args.overrides)  # bad recipes fail before any device work
     if args.dry_run:
@@ -147,9 +160,10 @@ def _run(args: argparse.Namespace) -> int:
             print(format_plan(plan(recipe.variant(name), devices)))
         return 0
     parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    run_with_variants(recipe, overwrite=args.overwrite)
-    if parallel.is_primary():
-        print(f"report: {write_report(recipe.out_dir)}")
+    with claim_run_dir(Path(recipe.out_dir)):  # the report too is written under the run's lock
+        run_with_variants(recipe, overwrite=args.overwrite)
+        if parallel.is_primary():
+            print(f"report: {write_report(recipe.out_dir)}")
     return 0
 
 
@@ -176,9 +190,14 @@ def _methods(_: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from jaxcl.report import write_report
+    from jaxcl.report import load_results, published_comparisons, write_report
 
-    print(write_report(args.run_dir))
+    # every published file is read and checked against the run before report.md is written
+    compared = published_comparisons(load_results(args.run_dir), args.published or ())
+    path = write_report(args.run_dir, published=args.published)
+    for _, markdown in compared:
+        print(markdown)
+    print(path)
     return 0
 
 

@@ -21,9 +21,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from jaxcl import parallel
+from jaxcl import checkpoint, parallel
 from jaxcl.recipe import Recipe
-from jaxcl.train.runner import run_recipe
+from jaxcl.train.runner import claim_run_dir, run_recipe
 
 METRICS = ("op", "bwt", "fwt", "forgetting")
 DELTAS = ("delta_general", "delta_instruction", "delta_safety")
@@ -43,20 +43,27 @@ def summarize(name: str, results: dict[str, Any]) -> dict[str, Any]:
 def run_with_variants(
     recipe: Recipe, console: Console | None = None, *, overwrite: bool = False
 ) -> list[dict[str, Any]]:
-    """Run ``recipe`` and each of its ``compare:`` variants; returns the comparison rows."""
+    """Run ``recipe`` and each of its ``compare:`` variants; returns the comparison rows. The
+    sweep holds the recipe's run folder throughout, and each variant's while it runs."""
     console = console or Console(quiet=not parallel.is_primary())
+    with claim_run_dir(Path(recipe.out_dir)):
+        return _sweep(recipe, console, overwrite)
+
+
+def _sweep(recipe: Recipe, console: Console, overwrite: bool) -> list[dict[str, Any]]:
     rows = [summarize("base", run_recipe(recipe, console, overwrite=overwrite))]
     for name in recipe.compare:
         console.rule(f"variant {name}")
         variant = recipe.variant(name)
         shared = recipe.stages[: recipe.shared_stages(variant)]
-        if shared and _fresh(variant, overwrite):
-            names = ", ".join(s.name for s in shared)
-            console.print(f"stages {names} are the base run's: their checkpoints are reused")
-            if parallel.is_primary():
-                seed_from(Path(recipe.out_dir), variant, [s.name for s in shared])
-            parallel.barrier(f"jaxcl: variant {name} seeded")
-        row = summarize(name, run_recipe(variant, console))
+        with claim_run_dir(Path(variant.out_dir)):
+            if shared and _fresh(variant, overwrite):
+                names = ", ".join(s.name for s in shared)
+                console.print(f"stages {names} are the base run's: their checkpoints are reused")
+                if parallel.is_primary():
+                    seed_from(Path(recipe.out_dir), variant, [s.name for s in shared])
+                parallel.barrier(f"jaxcl: variant {name} seeded")
+            row = summarize(name, run_recipe(variant, console))
         rows.append(dict(row, shared_stages=[s.name for s in shared]))
     if len(rows) > 1:
         print_comparison(console, rows)
@@ -71,12 +78,8 @@ def _fresh(variant: Recipe, overwrite: bool) -> bool:
     run of the variant itself is resumed instead, unless ``overwrite``."""
     out = Path(variant.out_dir)
     if overwrite and parallel.is_primary():
-        for name in ("checkpoints", "manifest.json", "metrics.jsonl", "run.json"):
-            path = out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+        for name in ("checkpoints", *checkpoint.RUN_FILES):
+            checkpoint.remove_run_data(out / name, out)
     return not (out / "checkpoints").exists()
 
 

@@ -22,6 +22,42 @@ from jaxcl.train.adapters import StageModel
 from jaxcl.train.data import documents_and_budget
 from jaxcl.train.optim import build_chain
 
+#: More steps than this in one stage is most likely a slip (``1e12`` for ``1e3``): the plan (and
+#: the run, at its start) warns, naming the stage.
+ABSURD_STEPS = 10**7
+
+
+def step_warnings(steps: dict[str, int]) -> list[str]:
+    """A warning for every stage (name -> its total steps) over :data:`ABSURD_STEPS`."""
+    out = []
+    for name, n in steps.items():
+        if n <= ABSURD_STEPS:
+            continue
+        days = n / 100 / 86400  # at a (fast) 100 steps a second
+        took = f"{days / 365:,.0f} years" if days >= 365 else f"{days:,.1f} days"
+        out.append(
+            f"stage {name} trains {n:,} steps (more than {ABSURD_STEPS:,}; {took} even at 100 "
+            "steps a second): check its steps_per_task and its tasks' steps, tokens and epochs"
+        )
+    return out
+
+
+def given_steps(recipe: Recipe) -> dict[str, int]:
+    """Each stage's steps as far as the recipe alone says (a task's ``steps``, ``tokens`` over
+    its batch, else ``steps_per_task``; ``epochs`` budgets, which need the data, count 0)."""
+    out = {}
+    for stage in recipe.stages:
+        total = 0
+        for task in stage.tasks:
+            if task.steps is not None:
+                total += task.steps
+            elif task.tokens is not None:
+                total += task.tokens // (stage.batch_size * stage.seq_len)
+            elif task.epochs is None:
+                total += stage.steps_per_task
+        out[stage.name] = total
+    return out
+
 
 def per_device_bytes(tree: Any, shardings: Any) -> int:
     """The largest per-device footprint of ``tree`` under ``shardings`` (bytes)."""
@@ -98,6 +134,7 @@ def plan(recipe: Recipe, devices: int | None = None) -> dict[str, Any]:
         "mesh": dict(mesh.shape),
         "devices": mesh.size,
         "stages": stages,
+        "warnings": step_warnings({s["name"]: s["steps"] for s in stages}),
     }
 
 
@@ -118,6 +155,7 @@ def task_budgets(recipe: Recipe, stage: Any, tokenizer: Any) -> list[dict[str, A
                 "steps": budget.steps,
                 "tokens": budget.tokens,
                 "budget": budget.given,
+                "epochs": task.epochs,
                 "documents": len(docs),
                 "lr": recipe.task_optimizer(stage, task).lr,
             }
@@ -149,8 +187,13 @@ def format_plan(p: dict[str, Any]) -> str:
     ]
     for s in p["stages"]:
         for t in s["task_budgets"]:
+            given = t["budget"]
+            if given == "epochs" and t.get("epochs") is not None:
+                given = f"{t['epochs']:g} epoch" + ("" if t["epochs"] == 1 else "s")
             lines.append(
-                f"| {s['name']} | {t['task']} | {t['budget']} | {t['steps']} | "
+                f"| {s['name']} | {t['task']} | {given} | {t['steps']} | "
                 f"{t['tokens']:,} | {t['documents']:,} | {t['lr']:g} |"
             )
+    if p.get("warnings"):
+        lines += ["", *(f"warning: {w}" for w in p["warnings"])]
     return "\n".join(lines)

@@ -12,7 +12,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
 import yaml
@@ -35,6 +35,25 @@ from jaxcl.spec import Strict
 
 class RecipeError(ValueError):
     """A recipe that cannot run; the message names the culprit."""
+
+
+#: Names that become folder names (the run, stages, tasks, ``compare:`` variants): letters,
+#: digits, ``_``, ``-`` and ``.``, not starting with ``.`` (no ``/``, ``..``, absolute paths or
+#: hidden folders), 1 to 100 characters (docs/recipes.md).
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
+
+
+def check_name(value: str) -> str:
+    """``value`` if it is a safe folder name (:data:`NAME_PATTERN`), else a ValueError."""
+    if not NAME_PATTERN.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a usable name: names become folder names, so they take letters, "
+            "digits, _, - and . (not first), 1 to 100 characters"
+        )
+    return value
+
+
+Name = Annotated[str, pydantic.AfterValidator(check_name)]
 
 
 class MeshSpec(Strict):
@@ -74,7 +93,7 @@ TASK_OPTIMIZER_FIELDS = ("lr", "warmup_steps", "schedule", "end_lr_factor")
 
 
 class TaskSpec(Strict):
-    name: str
+    name: Name
     data: DataSpec
     metric: str | None = Field(
         None, description=f"how the task is scored (default: the stage's metric): {METRIC_HELP}"
@@ -97,19 +116,18 @@ class TaskSpec(Strict):
         given = [k for k in ("steps", "epochs", "tokens") if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"give at most one of steps, epochs or tokens, got {given}")
-        unknown = set(self.optimizer) - set(TASK_OPTIMIZER_FIELDS)
+        return self
+
+    @pydantic.field_validator("optimizer")
+    @classmethod
+    def _task_optimizer(cls, value: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(value) - set(TASK_OPTIMIZER_FIELDS)
         if unknown:
             raise ValueError(
-                f"optimizer: {', '.join(sorted(unknown))} cannot change per task; a task may "
+                f"{', '.join(sorted(unknown))} cannot change per task; a task may "
                 f"override {', '.join(TASK_OPTIMIZER_FIELDS)} (the rest is the stage's)"
             )
-        try:
-            OptimizerSpec(**self.optimizer)
-        except pydantic.ValidationError as err:
-            first = err.errors()[0]
-            where = ".".join(str(x) for x in first["loc"])
-            raise ValueError(f"optimizer.{where}: {first['msg']}") from None
-        return self
+        return _check_optimizer(value)
 
     @pydantic.field_validator("metric")
     @classmethod
@@ -134,8 +152,15 @@ STAGE_DATA_KIND = {"pretrain": "text", "instruct": "instruction", "align": "pref
 STAGE_METRIC = {"pretrain": "perplexity", "instruct": "exact_match", "align": "pref_accuracy"}
 
 
+def _check_optimizer(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Validate optimizer overrides; a ValidationError raised here keeps its field's location
+    under the ``optimizer`` field (``stages[0].optimizer.lr``)."""
+    OptimizerSpec(**overrides)
+    return overrides
+
+
 class StageSpec(Strict):
-    name: str
+    name: Name
     kind: Literal["pretrain", "instruct", "align"]
     tasks: list[TaskSpec] = Field(min_length=1)
     methods: list[MethodSpec] = []
@@ -184,6 +209,11 @@ class StageSpec(Strict):
         check_terms(self.kind, list(self.terms), self.reference, "dpo" in self.model_fields_set)
         return self
 
+    @pydantic.field_validator("optimizer")
+    @classmethod
+    def _stage_optimizer(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _check_optimizer(value)  # an unknown or mistyped override fails here
+
     def build_objective(self, apply: Any) -> Any:
         """The stage's :class:`~jaxcl.objectives.bound.Objective` for model ``apply``."""
         return compile_objective(self.kind, self.terms, self.reference, self.dpo, apply)
@@ -212,7 +242,6 @@ class StageSpec(Strict):
                 method.check_stage(n_tasks=len(self.tasks), lora=self.lora)
             except ValueError as err:
                 raise ValueError(f"methods[{i}] ({method.name}): {err}") from None
-        OptimizerSpec(**self.optimizer)  # an unknown or mistyped override fails here
         if self.kind == "align" and self.packing not in (None, "none"):
             raise ValueError(
                 f"packing: {self.packing} packs documents; preference pairs (align stages) "
@@ -279,7 +308,7 @@ class StageSpec(Strict):
 
 
 class Recipe(Strict):
-    name: str
+    name: Name
     out_dir: str
     seed: int = 0
     model: ModelSpec = ModelSpec()
@@ -287,6 +316,12 @@ class Recipe(Strict):
     rules: list[tuple[str, str | list[str] | None]] | None = None
     optimizer: OptimizerSpec = OptimizerSpec()
     log_every: int = Field(10, ge=1)
+    stall_steps: int = Field(
+        25,
+        ge=0,
+        description="stop the run when the gradient norm is zero for this many consecutive "
+        "steps of a task (no signal: nothing is learned); 0 turns the check off",
+    )
     probes: bool = Field(
         True, description="score the general/instruction/safety probe suites around every stage"
     )
@@ -297,7 +332,7 @@ class Recipe(Strict):
         None, ge=1, description="also checkpoint every N steps inside tasks (for resumption)"
     )
     stages: list[StageSpec] = Field(min_length=1)
-    compare: dict[str, dict[str, Any]] = Field(
+    compare: dict[Name, dict[str, Any]] = Field(
         default_factory=dict,
         description="variants run after this recipe: name -> {key.path: value} overrides",
     )
@@ -316,12 +351,6 @@ class Recipe(Strict):
         raw = self.model_dump(mode="json", exclude={"compare"})
         raw["out_dir"] = str(Path(self.out_dir) / "compare" / name)
         for path, value in self.compare[name].items():
-    stall_steps: int = Field(
-        25,
-        ge=0,
-        description="stop the run when the gradient norm is zero for this many consecutive "
-        "steps of a task (no signal: nothing is learned); 0 turns the check off",
-    )
             set_path(raw, path, value, f"compare.{name}.{path}")
         return validate(raw, source=f"compare.{name}")
 
@@ -400,10 +429,44 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         path, text = item.split("=", 1)
         try:
             value = yaml.safe_load(text)
+            check_duplicate_keys(
+                yaml.compose(text, Loader=yaml.SafeLoader), f"override {item!r}", lines=False
+            )
         except yaml.YAMLError as err:
             raise RecipeError(f"override {item!r}: value is not valid YAML ({err})") from None
         set_path(raw, path, value, f"override {item!r}")
     return raw
+
+
+def check_duplicate_keys(root: yaml.Node | None, source: str, *, lines: bool = True) -> None:
+    """Refuse a mapping that gives a key twice (YAML would silently keep the last value),
+    naming the field and (``lines``) both lines."""
+    seen_nodes: set[int] = set()
+
+    def walk(node: yaml.Node | None, loc: tuple[Any, ...]) -> None:
+        if node is None or id(node) in seen_nodes:  # an alias: already checked
+            return
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for key, value in node.value:
+                name = key.value if isinstance(key, yaml.ScalarNode) else None
+                if name is not None and name != "<<":  # "<<": a merge, not a key
+                    line = key.start_mark.line + 1
+                    if name in first:
+                        where = f"{source}:{line}" if lines else source
+                        first_line = f" (first given on line {first[name]})" if lines else ""
+                        raise RecipeError(
+                            f"{where}: {_field_path((*loc, name))}: duplicate key {name!r}"
+                            f"{first_line}; YAML would keep only the last value: remove one"
+                        )
+                    first[name] = line
+                walk(value, (*loc, name))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, (*loc, i))
+
+    walk(root, ())
 
 
 def _line_of(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
@@ -440,14 +503,41 @@ def _describe(error: dict[str, Any]) -> tuple[tuple[Any, ...], str]:
         )
     if kind == "union_tag_not_found":
         return loc, "a method needs a 'name'"
-    # Discriminated unions add their tag to the location (methods[0].ewc.lam,
-    # data.source.jsonl.train): drop it, so the path reads like the YAML.
+    if loc and loc[-1] == "[key]":  # a mapping key (a compare: variant's name): its mapping
+        loc = loc[:-2]
+    if kind == "int_parsing" and isinstance(error.get("input"), str):
+        hint = _e_notation_hint(error["input"])
+        if hint:
+            return _drop_tags(loc), hint
+    message = error["msg"].removeprefix("Value error, ")
+    return _drop_tags(loc), message
+
+
+def _drop_tags(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Discriminated unions add their tag to the location (methods[0].ewc.lam,
+    data.source.jsonl.train): drop it, so the path reads like the YAML."""
     tags = set(method_names()) | set(term_names())
-    loc = tuple(
+    return tuple(
         k for i, k in enumerate(loc) if k not in tags and not (i and loc[i - 1] == "source")
     )
-    message = error["msg"].removeprefix("Value error, ")
-    return loc, message
+
+
+_E_NOTATION = re.compile(r"[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+")
+
+
+def _e_notation_hint(text: str) -> str | None:
+    """The message for an integer field given ``1e12``: YAML 1.1 (PyYAML) reads e-notation as a
+    number only with a dot and a signed exponent (``1.0e+12``), anything else as text."""
+    if not _E_NOTATION.fullmatch(text.strip()):
+        return None
+    value = float(text.replace("_", ""))
+    why = (
+        f"{text!r} is read as text, not a number (YAML reads e-notation as a number only with a "
+        "dot and a signed exponent, as in 1.0e+12)"
+    )
+    if not value.is_integer():
+        return f"{why}; this field takes a whole number, and {value:g} is not one"
+    return f"{why}; write {int(value)} (or {value:.1e})"
 
 
 def validate(raw: Any, *, source: str = "<recipe>", yaml_root: yaml.Node | None = None) -> Recipe:
@@ -475,6 +565,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(f"cannot read recipe {path}: {err.strerror}") from None
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+        check_duplicate_keys(root, str(path))
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML: {err}") from None

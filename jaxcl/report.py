@@ -1,13 +1,18 @@
 """``report.md`` from a run's ``results.json``: per-stage R matrices and CL metrics, cross-stage
-probes, and PNG plots (an R-matrix heat map per stage, the loss curves)."""
+probes, PNG plots (an R-matrix heat map per stage, the loss curves), and, when asked, a stage's R
+beside a published one (``jaxcl report RUN --published FILE``)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from jaxcl.eval.published import PublishedTable
 
 
 def _fmt(value: float | None, metric: str) -> str:
@@ -179,13 +184,90 @@ def plot_comparison(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Write ``RUN_DIR/report.md`` from ``RUN_DIR/results.json``; returns its path."""
+def published_markdown(stage: dict[str, Any], table: PublishedTable) -> str:
+    """A run stage's R beside a published one, cell by cell (``run / published (run −
+    published)``), and OP and BWT of both: the run's as its ``results.json`` has them, the
+    published ones recomputed from its R by :func:`jaxcl.eval.cl_metrics`, and those the paper
+    prints when the table gives them."""
+    metric, tasks = stage["metric"], table.tasks
+    digits = 3 if table.digits is None else table.digits
+
+    def pub(value: float | None) -> str:
+        return "–" if value is None else f"{value:.{digits}f}"
+
+    lines = [
+        f"## Published against measured: `{table.name}`",
+        "",
+        f"Stage `{stage['name']}` of this run beside `{table.name}` of `{table.path}`.",
+        f"Source: {table.source_line()}.",
+        "",
+        f"Cell: run / published (run − published); R[t][i] = {metric} on task i (column) after "
+        "training through task t (row); – where the published table has no score.",
+        "",
+        "| after | " + " | ".join(tasks) + " |",
+        "|---" * (len(tasks) + 1) + "|",
+    ]
+    for name, ours, theirs in zip(tasks, stage["R"], table.R):
+        cells = []
+        for a, b in zip(ours, theirs):
+            delta = "" if b is None else f" ({float(a) - b:+.{digits}f})"
+            cells.append(f"{_fmt(a, metric)} / {pub(b)}{delta}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    ours_m, theirs_m = stage["metrics"], table.metrics()
+    rows = [("this run", ours_m), ("published, from its R", theirs_m)]
+    if table.printed:
+        rows.append(("published, as printed", table.printed))
+    lines += ["", "| | OP | BWT |", "|---|---|---|"]
+    for label, values in rows:
+        lines.append(f"| {label} | {pub(values.get('op'))} | {pub(values.get('bwt'))} |")
+    diffs = []
+    for key in ("op", "bwt"):
+        a, b = ours_m.get(key), theirs_m.get(key)
+        diffs.append("–" if a is None or b is None else f"{a - b:+.{digits}f}")
+    lines.append("| run − published | " + " | ".join(diffs) + " |")
+    lines += [
+        "",
+        "OP = mean_i R[T-1][i]; BWT = mean_{i<T-1} (R[T-1][i] − R[i][i]), jaxcl's `bwt` (GEM's "
+        "definition, and the denominator T−1 of TRACE's published BWT).",
+    ]
+    if stage.get("metrics_scale") == "log":
+        lines.append("The run's OP and BWT of perplexity tasks are on ln(perplexity).")
+    return "\n".join(lines) + "\n"
+
+
+def published_comparisons(
+    results: dict[str, Any], files: Sequence[str | Path]
+) -> list[tuple[PublishedTable, str]]:
+    """Each table of each published file with its markdown beside the run stage it matches;
+    raises :class:`jaxcl.eval.published.PublishedError` (naming the file) on the first table
+    that cannot be read or fits no stage."""
+    from jaxcl.eval.published import load_published, match_stage
+
+    out = []
+    for path in files:
+        for table in load_published(path):
+            out.append((table, published_markdown(match_stage(table, results["stages"]), table)))
+    return out
+
+
+def load_results(run_dir: str | Path) -> dict[str, Any]:
+    """``RUN_DIR/results.json``; a missing one is a ``FileNotFoundError`` that says so."""
     run_dir = Path(run_dir)
     source = run_dir / "results.json"
     if not source.exists():
         raise FileNotFoundError(f"{source} does not exist: is {run_dir} a finished jaxcl run?")
-    results = json.loads(source.read_text())
+    return json.loads(source.read_text())
+
+
+def write_report(run_dir: str | Path, published: Sequence[str | Path] | None = None) -> Path:
+    """Write ``RUN_DIR/report.md`` from ``RUN_DIR/results.json``; returns its path.
+
+    ``published``: files of published R matrices (:mod:`jaxcl.eval.published`); each table is
+    set beside the run stage with its tasks (:func:`published_markdown`). They are all read and
+    checked before anything is written."""
+    run_dir = Path(run_dir)
+    results = load_results(run_dir)
+    compared = published_comparisons(results, published or ())
     parts = [
         f"# Run `{results['recipe']}`",
         "",
@@ -197,6 +279,7 @@ def write_report(run_dir: str | Path) -> Path:
         parts += [stage_markdown(stage), f"![R matrix of {stage['name']}]({image.name})", ""]
         if stage.get("data"):
             parts.append(data_markdown(stage))
+    parts += [markdown for _, markdown in compared]
     parts += [
         "## Loss",
         "",

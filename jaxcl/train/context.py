@@ -30,8 +30,8 @@ from jaxcl.train.adapters import StageModel
 from jaxcl.train.step import make_apply
 
 
-class CheckpointMismatch(ValueError):
-    """A checkpoint whose parameter tree is not the recipe model's."""
+class CheckpointMismatch(checkpoint.CheckpointError):
+    """A checkpoint whose parameter tree is not the recipe model's (a ValueError, as before)."""
 
 
 def write_json(path: Path, payload: Any) -> None:
@@ -86,29 +86,60 @@ class RunContext:
 
     def restore_model(self, step_dir: Path) -> Any:
         """The plain model parameters of any checkpoint (a LoRA stage's adapters folded in, as
-        its manifest's ``lora`` entry describes)."""
+        its manifest's ``lora`` entry describes).
+
+        A checkpoint of another model is a :class:`CheckpointMismatch`, found from Orbax's
+        metadata before any array is read; a damaged one (a file missing, truncated) a
+        :class:`~jaxcl.checkpoint.CheckpointError` naming it."""
         step_dir = Path(step_dir)
         lora = checkpoint.read_manifest(step_dir).get("lora")
         model = None
         if lora:
             from jaxcl.models.spec import LoraSpec
 
-            model = self._with_adapters(LoraSpec(**lora), 0).model
+            try:
+                spec = LoraSpec(**lora)
+            except (TypeError, ValueError) as err:
+                raise checkpoint.CheckpointError(
+                    f"{step_dir / 'manifest' / 'metadata'}: its lora entry is malformed ({err})",
+                    step_dir,
+                ) from None
+            model = self._with_adapters(spec, 0).model
         like = model.like(self.plain_like) if model else self.plain_like
-        try:
-            params = checkpoint.restore_params(step_dir.parent, like, int(step_dir.name))
-        except (ValueError, KeyError, TypeError) as err:
-            first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err)
+        problem = checkpoint.tree_mismatch(step_dir, like)
+        if problem:
             raise CheckpointMismatch(
                 f"checkpoint {step_dir} does not hold parameters of the recipe's model "
-                f"({self.recipe.model.name}): {first}"
-            ) from None
+                f"({self.recipe.model.name}): {problem}",
+                step_dir,
+            )
+        params = checkpoint.restore_params(step_dir.parent, like, int(step_dir.name))
         return model.export(params) if model else params
 
     def add_checkpoint(self, entry: dict[str, Any]) -> None:
         """Record a checkpoint in ``manifest.json`` (rewritten atomically after each save)."""
         self.checkpoints[:] = [c for c in self.checkpoints if c["path"] != entry["path"]]
         self.checkpoints.append({k: v for k, v in entry.items() if v is not None or k == "parent"})
+        order = {s.name: i for i, s in enumerate(self.recipe.stages)}  # stages, then steps
+        self.checkpoints.sort(key=lambda c: (order.get(c["stage"], len(order)), c["step"]))
+        self.write_manifest()
+
+    def drop_checkpoints(self, paths: list[str]) -> None:
+        """Forget deleted checkpoints in ``manifest.json``; an entry whose ``parent`` was one of
+        them names that one's parent instead (lineage names only what exists)."""
+        gone = {c["path"]: c.get("parent") for c in self.checkpoints if c["path"] in set(paths)}
+        if not gone:
+            return
+        self.checkpoints[:] = [c for c in self.checkpoints if c["path"] not in gone]
+        for entry in self.checkpoints:
+            seen = set()
+            while entry.get("parent") in gone and entry["parent"] not in seen:
+                seen.add(entry["parent"])
+                entry["parent"] = gone[entry["parent"]]
+        self.write_manifest()
+
+    def write_manifest(self) -> None:
+        """Rewrite ``manifest.json`` (atomically) from the checkpoints recorded so far."""
         if parallel.is_primary():
             write_json(self.out / "manifest.json", {"checkpoints": self.checkpoints})
 
@@ -154,6 +185,9 @@ class StageContext:
 
     def add_checkpoint(self, entry: dict[str, Any]) -> None:
         self.run.add_checkpoint(entry)
+
+    def drop_checkpoints(self, paths: list[str]) -> None:
+        self.run.drop_checkpoints(paths)
 
     def probe(self, params) -> dict[str, Any] | None:
         """General, instruction-following and safety probe scores (``recipe.probes``)."""

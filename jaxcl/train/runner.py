@@ -2,16 +2,18 @@
 
 Each stage starts from the parameters of the previous stage's final checkpoint, restored from
 disk, so a fresh run and a resumed one take the same path. When ``out_dir`` already holds
-checkpoints of the same recipe, the run resumes from the latest readable one (a corrupted latest
-checkpoint is skipped with a warning); ``overwrite=True`` starts afresh.
+checkpoints of the same recipe, the run resumes from the latest readable one; every file the
+resume reads is checked first, and a damaged one is named in a warning and fallen back from
+(:mod:`jaxcl.train.resume`: the fallback order); ``overwrite=True`` starts afresh.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import shutil
+import os
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,9 @@ from rich.table import Table
 
 from jaxcl import checkpoint, parallel
 from jaxcl.eval.probes import probe_deltas
-from jaxcl.recipe import Recipe, StageSpec
+from jaxcl.plan import given_steps, step_warnings
+from jaxcl.recipe import Recipe
+from jaxcl.train import resume
 from jaxcl.train.context import (
     CheckpointMismatch,
     RunContext,
@@ -30,7 +34,10 @@ from jaxcl.train.context import (
     write_json,
 )
 from jaxcl.train.data import check_stage_data
-from jaxcl.train.stage import TrainingDiverged, run_stage, stage_result, warn_unreadable
+from jaxcl.train.lock import FolderLocked, hold
+from jaxcl.train.resume import ResumePoint
+from jaxcl.train.resume import find_resume_point as _find_resume_point
+from jaxcl.train.stage import TrainingDiverged, run_stage, warn_unreadable
 
 __all__ = [
     "CheckpointMismatch",
@@ -44,7 +51,8 @@ __all__ = [
 
 
 class RunDirError(RuntimeError):
-    """The run folder holds another recipe's run."""
+    """The run folder cannot be used: another recipe's run, another run holding it, or not a
+    writable folder."""
 
 
 def _prepare_out_dir(out: Path, recipe: Recipe, overwrite: bool, console: Console) -> bool:
@@ -55,12 +63,12 @@ def _prepare_out_dir(out: Path, recipe: Recipe, overwrite: bool, console: Consol
     stamp = out / "run.json"
     resumable = False
     if (out / "checkpoints").exists():
-        previous = json.loads(stamp.read_text()).get("recipe_sha256") if stamp.exists() else None
+        previous = resume.recorded_fingerprint(out, recipe.fingerprint(), console)
         if overwrite:
             console.print(f"--overwrite: removing the previous run in {out}")
             if parallel.is_primary():
-                shutil.rmtree(out / "checkpoints")
-                (out / "manifest.json").unlink(missing_ok=True)
+                checkpoint.remove_run_data(out / "checkpoints", out)
+                checkpoint.remove_run_data(out / "manifest.json", out)
         elif previous != recipe.fingerprint():
             raise RunDirError(
                 f"{out} holds the run of a different recipe (or unknown files); choose another "
@@ -74,66 +82,46 @@ def _prepare_out_dir(out: Path, recipe: Recipe, overwrite: bool, console: Consol
     return resumable
 
 
-@dataclass
-class ResumePoint:
-    stage: int  # index of the stage to run next
-    candidates: list[Path]  # that stage's checkpoints to resume from, newest first ([]: its start)
-    params: Any  # the parameters it starts from when none of them restores (None: read parent)
-    parent: str | None  # the previous stage's final checkpoint
-    finished: list[dict[str, Any]]  # results of the stages before ``stage``
+def _make_out_dir(out: Path) -> None:
+    """Create ``out`` if need be; a RunDirError when it is a file or cannot be written."""
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"out_dir {out} is a file, not a folder: choose another out_dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunDirError(
+            f"cannot create out_dir {out}: {err.strerror} ({err.filename}); choose another out_dir"
+        ) from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise RunDirError(f"out_dir {out} is not writable: choose another out_dir")
 
 
-def _is_final(manifest: dict[str, Any], stage: StageSpec) -> bool:
-    return bool(manifest["task_done"]) and manifest["task_index"] == len(stage.tasks) - 1
-
-
-def _find_resume_point(ctx: RunContext) -> ResumePoint | None:
-    """The latest stage with checkpoints: done (its final checkpoint restores: the next stage
-    starts from it) or in progress (its checkpoints, newest first, for the stage to restore)."""
-    for index in reversed(range(len(ctx.recipe.stages))):
-        stage = ctx.recipe.stages[index]
-        stage_dir = ctx.out / "checkpoints" / stage.name
-        paths = [stage_dir / str(s) for s in reversed(checkpoint.all_steps(stage_dir))]
-        if not paths:
-            continue
+@contextlib.contextmanager
+def claim_run_dir(out: Path) -> Iterator[None]:
+    """Hold run folder ``out`` (created if need be) for the block: the primary process takes
+    its exclusive lock (:mod:`jaxcl.train.lock`; re-entrant), the other processes of a
+    multi-process run follow its outcome. A RunDirError names the run holding it, or says why
+    ``out`` cannot be used; then nothing in ``out`` has been touched."""
+    error, held = None, contextlib.ExitStack()
+    if parallel.is_primary():
         try:
-            if _is_final(checkpoint.read_manifest(paths[0]), stage):
-                params = ctx.restore_model(paths[0])
-                finished = _finished_stages(ctx, index + 1)
-                return ResumePoint(index + 1, [], params, str(paths[0]), finished)
-        except Exception as err:  # a corrupted or half-readable checkpoint: use an older one
-            warn_unreadable(ctx.console, paths[0], err)
-            paths = paths[1:]
-        parent = _final_checkpoint(ctx, index - 1) if index else None
-        return ResumePoint(index, paths, None, parent, _finished_stages(ctx, index))
-    return None
+            _make_out_dir(out)
+            held.enter_context(hold(out))
+        except (RunDirError, FolderLocked) as err:
+            error = str(err)
+        except OSError as err:
+            error = f"cannot lock out_dir {out}: {err.strerror}; choose another out_dir"
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
 
-
-def _final_checkpoint(ctx: RunContext, index: int) -> str:
-    stage_dir = ctx.out / "checkpoints" / ctx.recipe.stages[index].name
-    return str(stage_dir / str(checkpoint.latest_step(stage_dir)))
-
-
-def _finished_stages(ctx: RunContext, upto: int) -> list[dict[str, Any]]:
-    """Results of stages ``0..upto-1``, from their final checkpoints' manifests alone."""
-    out = []
-    for index, stage in enumerate(ctx.recipe.stages[:upto]):
-        path = _final_checkpoint(ctx, index)
-        manifest = checkpoint.read_manifest(Path(path))
-        out.append(stage_result(stage, manifest["record"], path))
-    return out
-
-
-def _trim_metrics_log(path: Path, keep_stages: set[str], stage: str | None, upto: int) -> None:
-    """Drop log lines written after the checkpoint a run resumes from (they will be redone)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        entry = json.loads(line)
-        if entry["stage"] in keep_stages or (entry["stage"] == stage and entry["step"] <= upto):
-            kept.append(line)
-    path.write_text("".join(f"{line}\n" for line in kept))
+        failed = multihost_utils.broadcast_one_to_all(int(error is not None))
+        if failed and error is None:
+            error = f"the primary process could not claim out_dir {out} (its message says why)"
+    if error is not None:
+        held.close()
+        raise RunDirError(error)
+    with held:
+        yield
 
 
 def _print_stage(console: Console, result: dict) -> None:
@@ -170,13 +158,94 @@ def _print_probes(console: Console, probes: dict[str, Any]) -> None:
     )
 
 
+def _resume_label(point: ResumePoint, recipe: Recipe) -> str:
+    if point.candidates:
+        return str(point.candidates[0])
+    if point.parent is not None:
+        return point.parent
+    return f"the start of stage {recipe.stages[point.stage].name}"
+
+
+def _initial_params(ctx: RunContext) -> Any:
+    """The recipe model's initial parameters, placed as :func:`make_context` places them."""
+    _, params, _, _ = ctx.recipe.model.build(ctx.recipe.seed)
+    return jax.device_put(params, ctx.plain.param_shardings)
+
+
+def _run_stages(ctx: RunContext, point: ResumePoint) -> list[dict[str, Any]]:
+    """Every stage's result: those ``point`` found done, then each stage from ``point.stage``
+    on, run (or resumed) from the previous one's final checkpoint (``point.params``: what the
+    first of them starts from, if known). When that final checkpoint does not restore, the run
+    goes back to its stage, which resumes from an older checkpoint of its own or retrains; a
+    later stage keeps its checkpoints only when trained from what the stage before ends with
+    now (:mod:`jaxcl.train.resume`)."""
+    recipe, console = ctx.recipe, ctx.console
+    stages, parent = list(point.finished), point.parent
+    params, point.params = point.params, None  # held here alone, freed once a stage starts
+    for result in stages:
+        _print_stage(console, result)
+    for stage in recipe.stages[point.stage :]:  # every stage's data, before any of them trains
+        check_stage_data(stage, ctx.tokenizer, warn=console.print)
+    index, trusted = point.stage, point.stage  # the trusted stage's checkpoints need no check
+    pending, later = {index: list(point.candidates)}, dict(point.later)
+    digests: dict[int, str] = {}  # what each checked stage's checkpoints must start from
+    while index < len(recipe.stages):
+        stage = recipe.stages[index]
+        candidates = pending.pop(index, [])
+        try:
+            if index > trusted and index in later:  # left from before an earlier stage retrained
+                if params is None:
+                    params = ctx.restore_model(Path(parent))
+                digests[index] = checkpoint.params_digest(params)
+                candidates = resume.descendants(ctx, stage, later.pop(index), digests[index])
+            if params is None and not candidates:
+                # Start from the previous stage's final checkpoint, as a resumed run would.
+                params = ctx.restore_model(Path(parent))
+            result = run_stage(ctx.for_stage(stage), stage, params, parent, candidates)
+        except checkpoint.CheckpointError as err:
+            if parent is None or err.path is None or Path(err.path) != Path(parent):
+                raise
+            # The previous stage's final checkpoint does not restore: back to that stage.
+            index -= 1
+            stage, bad, start = recipe.stages[index], int(Path(parent).name), digests.get(index)
+            older = [
+                f
+                for f in resume.scan_stage(ctx, stage, quiet=True)
+                if int(f.path.name) < bad
+                and start in (None, f.manifest["record"].get("start_params_sha256"))
+            ]
+            pending[index] = [f.path for f in older]
+            warn_unreadable(console, parent, err, resume.fallback_text(stage, pending[index]))
+            stages = stages[:index]
+            parent = stages[-1]["checkpoint"] if stages else None
+            params = _initial_params(ctx) if parent is None else None
+            trusted = index
+            resume.trim_metrics_log(ctx, stages)
+            check_stage_data(stage, ctx.tokenizer, warn=console.print)
+            continue
+        parent, params = result["checkpoint"], None
+        stages.append(result)
+        _print_stage(console, result)
+        index += 1
+    return stages
+
+
 def run_recipe(
     recipe: Recipe, console: Console | None = None, *, overwrite: bool = False
 ) -> dict[str, Any]:
     """Run (or resume) every stage of ``recipe``; writes checkpoints, ``metrics.jsonl``,
-    ``manifest.json`` and ``results.json`` under ``recipe.out_dir`` and returns the results."""
+    ``manifest.json`` and ``results.json`` under ``recipe.out_dir`` and returns the results.
+    The run holds its folder throughout (:func:`claim_run_dir`): a second run into it is
+    refused with a RunDirError naming the holder."""
     console = console or Console(quiet=not parallel.is_primary())
+    with claim_run_dir(Path(recipe.out_dir)):
+        return _run_claimed(recipe, console, overwrite)
+
+
+def _run_claimed(recipe: Recipe, console: Console, overwrite: bool) -> dict[str, Any]:
     out = Path(recipe.out_dir)
+    for warning in step_warnings(given_steps(recipe)):
+        console.print(f"[yellow]warning:[/] {warning}")
     resumable = _prepare_out_dir(out, recipe, overwrite, console)
     parallel.barrier("jaxcl: run folder ready")
     started = time.perf_counter()
@@ -192,30 +261,13 @@ def run_recipe(
             (out / "metrics.jsonl").write_text("")
         point = ResumePoint(0, [], params, None, [])
     else:
-        if (out / "manifest.json").exists():
-            ctx.checkpoints = json.loads((out / "manifest.json").read_text())["checkpoints"]
-        names_done = {s["name"] for s in point.finished}
-        resumed_stage = recipe.stages[point.stage].name if point.candidates else None
-        upto = checkpoint.read_manifest(point.candidates[0])["step"] if point.candidates else 0
-        if parallel.is_primary():
-            _trim_metrics_log(out / "metrics.jsonl", names_done, resumed_stage, upto)
-        console.print(f"resuming from {point.candidates[0] if point.candidates else point.parent}")
-    stages, parent = list(point.finished), point.parent
-    params = params if parent is None else point.params  # the first stage: the initial model
-    for result in stages:
-        _print_stage(console, result)
-    for stage in recipe.stages[point.stage :]:  # every stage's data, before any of them trains
-        check_stage_data(stage, ctx.tokenizer, warn=console.print)
-    for index in range(point.stage, len(recipe.stages)):
-        stage = recipe.stages[index]
-        candidates = point.candidates if index == point.stage else []
-        if params is None and not candidates:
-            # Start from the previous stage's final checkpoint, as a resumed run would.
-            params = ctx.restore_model(Path(parent))
-        result = run_stage(ctx.for_stage(stage), stage, params, parent, candidates)
-        parent, params = result["checkpoint"], None
-        stages.append(result)
-        _print_stage(console, result)
+        resume.rebuild_manifest(ctx, point.found)
+        resume.rewrite_metrics_log(ctx, point.finished)
+        console.print(f"resuming from {_resume_label(point, recipe)}")
+    if point.parent is None:  # the first stage starts from the initial model
+        point.params = params
+    del params  # the stages hold what they start from, no more
+    stages = _run_stages(ctx, point)
     results = {
         "recipe": recipe.name,
         "recipe_sha256": recipe.fingerprint(),

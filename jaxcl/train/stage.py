@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 
 from jaxcl import checkpoint, parallel
 from jaxcl.data import batched_stream, encode_all
 from jaxcl.data.budget import Budget
 from jaxcl.data.replay import ReplayBuffer
-from jaxcl.data.sources import BadRowError
 from jaxcl.data.tokenize import special_ids, token_ids
 from jaxcl.eval import HIGHER_IS_BETTER, cl_metrics, metric_scale
 from jaxcl.eval.tasks import continuations
@@ -46,19 +46,19 @@ from jaxcl.objectives.reference import (
 )
 from jaxcl.objectives.spec import stage_objective
 from jaxcl.recipe import STAGE_DATA_KIND, StageSpec
-from jaxcl.train.data import DataError, TaskData, stream_for, task_data, task_rows, task_seed
+from jaxcl.train.data import TaskData, stream_for, task_data, task_rows, task_seed
 from jaxcl.train.features import adapter_hooks, initial_frozen, objective_hooks, optimizer_hooks
+from jaxcl.train.guards import (  # noqa: F401  (TrainingDiverged, TrainingStalled: re-exported)
+    StepWatch,
+    TrainingDiverged,
+    TrainingStalled,
+    data_record,
+    read_batch,
+    unmasked,
+)
 from jaxcl.train.monitor import Throughput, event_writer, progress_bar, throughput
 from jaxcl.train.optim import build_chain, task_schedule
 from jaxcl.train.step import TrainState, make_train_step, state_shardings_for
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
-
-
-class TrainingStalled(TrainingDiverged):
-    """The gradient norm stayed zero for ``stall_steps`` steps; the message names the step."""
 
 
 @dataclass
@@ -391,8 +391,11 @@ class StageRun:
         if t == len(self.tasks) - 1:  # the stage's end: probes and digest in its final manifest
             cursor.record["probes_after"] = self.ctx.probe(cursor.state.params)
             cursor.record["final_params_sha256"] = checkpoint.params_digest(cursor.state.params)
+        doomed = {str(stage_dir / str(s)) for s in superseded}
+        self.parent = _surviving_parent(self.ctx, self.parent, doomed)  # lineage: what stays
         self.save(t, steps, done=True)
         checkpoint.delete_steps(stage_dir, superseded)  # mid-task saves, now redundant
+        self.ctx.drop_checkpoints(sorted(doomed))
 
     def save(self, t: int, k: int, done: bool) -> None:
         recipe, stage, cursor = self.ctx.recipe, self.stage, self.cursor
@@ -462,11 +465,32 @@ def stage_result(stage: StageSpec, record: dict, checkpoint_path: str) -> dict[s
     }
 
 
-def warn_unreadable(console: Console, path, err: Exception) -> None:
+def warn_unreadable(
+    console: Console, path, err: Exception, fallback: str = "the previous one"
+) -> None:
+    """Say that checkpoint ``path`` cannot be restored, why (a CheckpointError names the bad
+    file), and what the run falls back to."""
+    reason = str(err) if isinstance(err, checkpoint.CheckpointError) else str(err)[:200]
+    if not isinstance(err, checkpoint.CheckpointError):
+        reason = f"{type(err).__name__}: {reason}"
     console.print(
-        f"[yellow]warning[/]: checkpoint {path} cannot be restored "
-        f"({type(err).__name__}: {str(err)[:200]}); falling back to the previous one"
+        "[yellow]warning[/]: "
+        + escape(f"checkpoint {path} cannot be restored ({reason}); falling back to {fallback}")
     )
+
+
+def _surviving_parent(ctx, parent: str | None, doomed: set[str]) -> str | None:
+    """``parent``, or, while it is one of the checkpoints about to be deleted (``doomed``),
+    its own parent: what a checkpoint's lineage names must exist."""
+    parents = {c["path"]: c.get("parent") for c in ctx.run.checkpoints}
+    seen: set[str] = set()
+    while parent in doomed and parent not in seen:
+        seen.add(parent)
+        try:
+            parent = checkpoint.read_manifest(Path(parent)).get("parent")
+        except checkpoint.CheckpointError:
+            parent = parents.get(parent)
+    return parent
 
 
 def restore_cursor(ctx, stage: StageSpec, program: StageProgram, step_dir) -> Cursor:
@@ -564,6 +588,10 @@ def run_stage(ctx, stage: StageSpec, params, parent: str | None, candidates=()) 
         (ctx.out / "metrics.jsonl").open("a", buffering=1) as run.log,
         event_writer(ctx.out / "tensorboard", stage.name) as run.events,
     ):
+        if resumed is not None and parallel.is_primary():
+            # The stage's lines up to the checkpoint it resumed from are that checkpoint's
+            # record (the runner keeps only the stages before it in the log).
+            run.log.write("".join(json.dumps(e) + "\n" for e in cursor.record["losses"]))
         bar = progress.add_task(stage.name, total=total_steps, loss="-")
         progress.advance(bar, sum(task_steps[:start_task]) + start_step)
         for t in range(start_task, len(tasks)):
@@ -571,70 +599,6 @@ def run_stage(ctx, stage: StageSpec, params, parent: str | None, candidates=()) 
             run.end_task(t, score)
     cursor.record["seconds"] = round(time.perf_counter() - run.started, 2)
     return stage_result(stage, cursor.record, run.parent)
-
-
-def read_batch(stream, stage: StageSpec, task: TaskData, parent: str | None):
-    """The stream's next batch; a bad row (``on_bad_row: error``) stops the run naming the
-    stage, task, file and line, and the last good checkpoint."""
-    try:
-        return stream.next_batch()
-    except BadRowError as err:
-        raise DataError(
-            f"stage {stage.name!r}, task {task.name!r}: {err}. The run stopped there; last good "
-            f"checkpoint: {parent or 'none'} (fix the row, or set the task's "
-            "data.on_bad_row: skip)"
-        ) from None
-
-
-def data_record(stream) -> dict[str, Any]:
-    """What a task's stream read, for results.json and the report."""
-    state = stream.state()
-    keys = ("rows", "tokens", "replayed", "skipped", "truncated", "bad_rows")
-    return {k: state[k] for k in keys}
-
-
-def unmasked(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``batch`` with every loss mask zeroed: every objective's gradient on it is zero."""
-    return {k: np.zeros_like(v) if k.endswith("mask") else v for k, v in batch.items()}
-
-
-class StepWatch:
-    """Checks each step's metrics one step behind (no stall of the device queue): a loss that
-    is not finite stops the run at once; a gradient norm of exactly zero for ``stall``
-    consecutive steps (no signal: every trained token masked away, or a model driven into
-    saturation) stops it too. Each step is judged once, however often it is asked."""
-
-    def __init__(
-        self, stage: StageSpec, task: TaskData, parent: Callable[[], str | None], stall: int
-    ):
-        # parent: the last good checkpoint when asked (a mid-task save moves it on)
-        self.stage, self.task, self.parent, self.stall = stage, task, parent, stall
-        self.zero_steps, self.seen = 0, -1
-
-    def __call__(self, pending) -> None:
-        if pending is None or pending[0] == self.seen:
-            return
-        k, metrics = pending
-        self.seen = k
-        where = f"stage {self.stage.name!r}, task {self.task.name!r}, step {k + 1} of the task"
-        loss = float(parallel.to_host(metrics["loss"]))
-        if not np.isfinite(loss):
-            raise TrainingDiverged(
-                f"loss is {loss} at {where}; the run stopped there. "
-                f"Last good checkpoint: {self.parent() or 'none'}"
-            )
-        if not self.stall:
-            return
-        zero = float(parallel.to_host(metrics["grad_norm"])) == 0.0
-        self.zero_steps = self.zero_steps + 1 if zero else 0
-        if self.zero_steps >= self.stall:
-            raise TrainingStalled(
-                f"the gradient norm has been 0 for {self.zero_steps} consecutive steps at "
-                f"{where} (loss {loss:.4f}): training has no signal (rows with no trained "
-                "token, or a learning rate that saturated the model). The run stopped there. "
-                f"Last good checkpoint: {self.parent() or 'none'} (stall_steps: 0 turns the "
-                "check off)"
-            )
 
 
 def _step_dir(reference: str):
