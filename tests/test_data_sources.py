@@ -244,10 +244,11 @@ def test_olora_five_task_layout_fixture():
         "dbpedia": "TC",
         "yahoo": "TC",
     }
-    for order in OLORA_ORDERS.values():
+    for order in (OLORA_ORDERS[1], OLORA_ORDERS[2], OLORA_ORDERS[3]):  # 4-6: the long benchmark
         assert set(order) <= set(olora_tasks(root))
     ex = read_olora(root, "agnews", "train")[0]
     assert ex["prompt"] == (
+        "Task:TC\nDataset:agnews\n"  # O-LoRA's scripts: --add_task_name/--add_dataset_name True
         "What is the topic of the following paragraph? Choose one from the option.\n"
         "Option: World, Sports, Business, Science or Technology \n"
         "Title: Rovers win cup final\nText: The Rovers beat the Dockers 2-1 in extra time.\n"
@@ -256,7 +257,11 @@ def test_olora_five_task_layout_fixture():
     assert ex["response"] == "Sports"
     spec = DataSpec(source={"type": "olora", "root": str(root), "task": "amazon"})
     assert [e["response"] for e in spec.load("eval")] == ["negative"]
-    assert spec.load("train")[0]["prompt"].startswith("What is the sentiment")
+    assert spec.load("train")[0]["prompt"].startswith("Task:SC\nDataset:amazon\nWhat is the")
+    bare = DataSpec(
+        source={"type": "olora", "root": str(root), "task": "amazon", "task_prefix": False}
+    )
+    assert bare.load("train")[0]["prompt"].startswith("What is the sentiment")
 
 
 def test_olora_label_outside_labels_json(tmp_path):

@@ -1,12 +1,15 @@
-"""The reproduction recipes (recipes/trace.yaml, olora_5task.yaml, ckl.yaml) run for real, shrunk:
-a tiny stand-in model (test-micro) and a few steps, on fixture data in each benchmark's own file
-layout (tests/fixtures/reproduction), through the documented data overrides
-(tests.test_plan.DATA_OVERRIDES). Everything else (methods, objective terms, LoRA, per-task
+"""The reproduction recipes (recipes/trace.yaml, olora_standard.yaml, olora_long.yaml,
+olora_superni.yaml, ckl.yaml) run for real, shrunk: a tiny stand-in model (test-micro) and a few
+steps, on fixture data in each benchmark's own file layout (tests/fixtures/reproduction), through
+the documented data overrides and environment variables (tests.test_plan.DATA_OVERRIDES,
+DATA_ENV). Everything else (methods, objective terms, LoRA, per-task epochs, learning rates and
 metrics, task orders, the `compare:` variants) is the recipe's own."""
 
 import json
 import math
+import os
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -15,10 +18,10 @@ from flax.traverse_util import flatten_dict
 
 from jaxcl import checkpoint
 from jaxcl.compare import run_with_variants
-from jaxcl.data.layouts import OLORA_ORDERS, TRACE_ORDER
-from jaxcl.recipe import apply_overrides, validate
+from jaxcl.data.layouts import OLORA_ORDERS, SUPERNI_ORDERS, TRACE_ORDER
+from jaxcl.recipe import apply_overrides, expand_env, validate
 from jaxcl.train.runner import make_context, run_recipe
-from tests.test_plan import DATA_OVERRIDES, TWIKI_PERIODS
+from tests.test_plan import DATA_ENV, DATA_OVERRIDES, TWIKI_PERIODS
 
 pytestmark = pytest.mark.slow
 
@@ -41,14 +44,26 @@ MICRO = [
 
 
 def _recipe(name, out, *extra, tasks=None, variants=()):
-    """``recipes/NAME`` with the data overrides, MICRO and ``extra``; its first ``tasks`` tasks
-    and only the ``compare:`` ``variants`` named."""
+    """``recipes/NAME`` with the data overrides and environment, MICRO and ``extra``; its first
+    ``tasks`` tasks and only the ``compare:`` ``variants`` named. A variant's own batch size,
+    accumulation and task list are shrunk the same way."""
     raw = yaml.safe_load((ROOT / "recipes" / name).read_text())
     overrides = [*DATA_OVERRIDES[name], *MICRO, f"out_dir={out}", *extra]
     raw = apply_overrides(raw, overrides)
+    with mock.patch.dict(os.environ, DATA_ENV[name]):
+        raw = expand_env(raw, name)
     if tasks is not None:
         raw["stages"][0]["tasks"] = raw["stages"][0]["tasks"][:tasks]
-    raw["compare"] = {k: raw.get("compare", {})[k] for k in variants}
+    raw["compare"] = {k: dict(raw.get("compare", {})[k]) for k in variants}
+    shrunk = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in (*MICRO, *extra))}
+    for variant in raw["compare"].values():
+        for key in set(variant) & set(shrunk):
+            variant[key] = shrunk[key]
+        if tasks is not None and "stages.0.tasks" in variant:
+            variant["stages.0.tasks"] = variant["stages.0.tasks"][:tasks]
+        for key in [k for k in variant if k.startswith("stages.0.tasks.")]:
+            if tasks is not None and int(key.split(".")[3]) >= tasks:
+                del variant[key]
     return validate(raw, source=name)
 
 
@@ -130,34 +145,41 @@ def test_trace_eight_tasks_in_the_papers_order_with_lwf(tmp_path):
     assert distill[0] == pytest.approx(0.0, abs=1e-6) and max(distill) > 0
 
 
-def test_trace_variants_seqft_replay_ewc_o_lora(tmp_path):
-    """The recipe's base (SeqFT) and its replay, EWC and O-LoRA variants, through `compare:`, on the
-    first three tasks; O-LoRA changes only the q/v kernels its per-task adapters fold into."""
+def test_trace_variants_seqft_replay_lora_seqft_ewc_o_lora(tmp_path):
+    """The recipe's base (SeqFT) and its replay (with LIMA), LoRASeqFT, EWC and O-LoRA variants,
+    through `compare:`, on the first three tasks; the LoRA variants change only the q/v kernels
+    their adapters fold into."""
+    names = ("replay", "lora_seqft", "ewc", "o_lora")
     recipe = _recipe(
         "trace.yaml",
         tmp_path / "trace",
         "stages.0.seq_len=384",
         "stages.0.eval_max_new_tokens=6",
         tasks=3,
-        variants=("replay", "ewc", "o_lora"),
+        variants=names,
     )
     rows = run_with_variants(recipe)
-    assert [r["variant"] for r in rows] == ["base", "replay", "ewc", "o_lora"]
+    assert [r["variant"] for r in rows] == ["base", *names]
     comparison = json.loads((Path(recipe.out_dir) / "comparison.json").read_text())
     assert [r["variant"] for r in comparison["variants"]] == [r["variant"] for r in rows]
     tasks = TRACE_ORDER[:3]
-    for name in ("replay", "ewc", "o_lora"):
+    for name in names:
         variant = recipe.variant(name)
         _check_run(_results(variant.out_dir), tasks)
     _check_run(_results(recipe.out_dir), tasks)
-    # Replay kept the finished tasks' examples in its buffer (saved with the last checkpoint).
+    # Replay kept LIMA (from the first task on) and the finished tasks' examples in its buffer
+    # (saved with the last checkpoint).
     replay = recipe.variant("replay")
     stage_dir = Path(replay.out_dir) / "checkpoints" / "trace"
     manifest = checkpoint.read_manifest(stage_dir / str(checkpoint.latest_step(stage_dir)))
-    assert set(manifest["replay"]["tasks"]) >= set(tasks[:2])
-    o_lora = recipe.variant("o_lora")
-    assert o_lora.stages[0].lora.rank == 8 and o_lora.stages[0].method("o_lora").lam == 0.5
-    _changed_only(o_lora, lambda k: k[-2:] in (("attn", "q"), ("attn", "v")))
+    assert manifest["replay"]["tasks"][0] == "general"
+    assert set(manifest["replay"]["tasks"]) >= {"general", *tasks[:2]}
+    for name in ("lora_seqft", "o_lora"):
+        variant = recipe.variant(name)
+        assert variant.stages[0].lora.rank == 8 and variant.stages[0].lora.alpha == 32
+        assert variant.stages[0].lora.per_task == (name == "o_lora")
+        _changed_only(variant, lambda k: k[-2:] in (("attn", "q"), ("attn", "v")))
+    assert recipe.variant("o_lora").stages[0].method("o_lora").lam == 0.5
 
 
 # ----------------------------------------------------------------------------- O-LoRA orders
@@ -165,15 +187,15 @@ def test_trace_variants_seqft_replay_ewc_o_lora(tmp_path):
 
 def test_olora_task_orders(tmp_path):
     """The recipe's three orders are O-LoRA's (jaxcl.data.layouts.OLORA_ORDERS); order 1 (the
-    base) and order 3 (a `compare:` variant that renames tasks and their source) run, each
-    training and scoring its tasks in the declared order."""
-    every = _recipe("olora_5task.yaml", tmp_path / "all", variants=("order2", "order3"))
+    base) and order 3 (a `compare:` variant with its own task list) run, each training and
+    scoring its tasks in the declared order."""
+    every = _recipe("olora_standard.yaml", tmp_path / "all", variants=("order2", "order3"))
     for order, declared in ((1, every), (2, every.variant("order2")), (3, every.variant("order3"))):
         tasks = declared.stages[0].tasks
         names = [t.name for t in tasks]
         assert names == [t.data.source.task for t in tasks] == list(OLORA_ORDERS[order])
     recipe = _recipe(
-        "olora_5task.yaml", tmp_path / "olora", "stages.0.seq_len=512", variants=("order3",)
+        "olora_standard.yaml", tmp_path / "olora", "stages.0.seq_len=512", variants=("order3",)
     )
     _read_every_task(recipe, n_train=12)
     _read_every_task(recipe.variant("order3"), n_train=12)
@@ -184,6 +206,53 @@ def test_olora_task_orders(tmp_path):
         _check_run(stage, OLORA_ORDERS[order])
         seen = list(dict.fromkeys(e["task"] for e in stage["losses"]))
         assert seen == list(OLORA_ORDERS[order])  # trained in that order, too
+
+
+def test_olora_long_benchmark_orders_4_to_6(tmp_path):
+    """The 15-task benchmark in O-LoRA's layout: orders 4-6 as declared, every task read
+    (COPA without instruction or options, the rest with their category's), and order 4 run
+    through all 15 tasks, MNLI for its two epochs."""
+    recipe = _recipe(
+        "olora_long.yaml", tmp_path / "long", "stages.0.seq_len=512", variants=("order5", "order6")
+    )
+    orders = {4: recipe, 5: recipe.variant("order5"), 6: recipe.variant("order6")}
+    for order, declared in orders.items():
+        tasks = declared.stages[0].tasks
+        assert [t.name for t in tasks] == [t.data.source.task for t in tasks]
+        assert [t.name for t in tasks] == list(OLORA_ORDERS[order])
+        _read_every_task(declared, n_train=12)
+    prompts = {t.name: t.data.load("train")[0]["prompt"] for t in recipe.stages[0].tasks}
+    assert prompts["COPA"].startswith("Task:COPA\nDataset:COPA\nWhich sentence")
+    assert prompts["WiC"].startswith("Task:WiC\nDataset:WiC\nGiven a word")
+    assert "Option: neutral, entailment, contradiction \n" in prompts["MNLI"]
+    recipe = recipe.model_copy(update={"compare": {}})
+    run_recipe(recipe)
+    stage = _results(recipe.out_dir)
+    _check_run(stage, OLORA_ORDERS[4])
+    steps = {t: sum(e["task"] == t for e in stage["losses"]) for t in ("MNLI", "CB")}
+    assert steps == {"MNLI": 6, "CB": 3}  # 2 and 1 epochs of 12 examples at batch 4
+
+
+def test_olora_superni_layout_scored_by_rouge_l(tmp_path):
+    """SuperNI's 15 tasks in SAPT's layout, in orders 1 (run) and 2 (declared), every task
+    scored by ROUGE-L of its generations."""
+    recipe = _recipe(
+        "olora_superni.yaml",
+        tmp_path / "superni",
+        "stages.0.seq_len=256",
+        "stages.0.eval_max_new_tokens=6",
+        variants=("order2",),
+    )
+    for order, declared in ((1, recipe), (2, recipe.variant("order2"))):
+        assert [t.name for t in declared.stages[0].tasks] == list(SUPERNI_ORDERS[order])
+        _read_every_task(declared, n_train=12)
+    first = recipe.stages[0].tasks[0].data.load("eval")[0]
+    assert first["prompt"].startswith("Definition: ") and first["prompt"].endswith("\nOutput: ")
+    recipe = recipe.model_copy(update={"compare": {}})
+    run_recipe(recipe)
+    stage = _results(recipe.out_dir)
+    _check_run(stage, SUPERNI_ORDERS[1])
+    assert set(stage["task_metrics"]) == {"rouge_l"}
 
 
 # ----------------------------------------------------------------------------- CKL

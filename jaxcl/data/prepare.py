@@ -142,6 +142,8 @@ def input_files(data: DataSpec) -> list[Path]:
     if src.type == "olora":
         folder = _olora_folder(src.root, src.task)
         return [(folder / "train.json").resolve(), (folder / "labels.json").resolve()]
+    if src.type in ("superni", "lima"):
+        return [_train_location(data)]
     return []  # memory (the records are in the spec) and tfds (not prepared)
 
 
@@ -184,6 +186,10 @@ def _train_location(data: DataSpec) -> Path:
         return Path(src.train).expanduser().resolve()
     if src.type == "trace":
         return (Path(src.root).expanduser() / src.task / "train.json").resolve()
+    if src.type == "superni":
+        return (Path(src.root).expanduser() / "SuperNI" / src.task / "train.json").resolve()
+    if src.type == "lima":
+        return (Path(src.root).expanduser() / "train.jsonl").resolve()
     return (_olora_folder(src.root, src.task) / "train.json").resolve()
 
 

@@ -13,6 +13,8 @@ naming real files, discriminated by ``type``::
                     label_names: [negative, positive]}}
     data: {source: {type: trace, root: LLM-CL-Benchmark_500, task: FOMC}}
     data: {source: {type: olora, root: CL_Benchmark, task: dbpedia}}
+    data: {source: {type: superni, root: CL_Benchmark, task: task1572_samsum_summary}}
+    data: {source: {type: lima, root: lima}}            # the GAIR/lima release: train.jsonl
     data: {source: {type: memory, kind: text, train: [{text: ...}, ...]}}
 
 Without an ``eval`` location, ``eval_size`` examples are held out of the training data (a seeded
@@ -31,7 +33,7 @@ import pydantic
 from pydantic import Field
 
 from jaxcl.data.benchmarks import BUNDLED, generate, kind_of
-from jaxcl.data.layouts import read_olora, read_trace
+from jaxcl.data.layouts import read_lima, read_olora, read_superni, read_trace
 from jaxcl.data.sources import (
     CANONICAL,
     BadRowError,
@@ -216,6 +218,11 @@ class OLoraSourceSpec(Strict):
     task: str
     eval_split: Literal["dev", "test"] = "test"
     instruction: str | None = None
+    task_prefix: bool = Field(
+        True,
+        description="start each prompt with 'Task:<Category>\\nDataset:<task>\\n', as O-LoRA's "
+        "scripts do (--add_task_name True --add_dataset_name True)",
+    )
     kind: Literal["instruction"] = "instruction"
 
     def has_split(self, split: str) -> bool:
@@ -223,10 +230,48 @@ class OLoraSourceSpec(Strict):
 
     def examples(self, split: str) -> list[dict[str, Any]]:
         s = "train" if split == "train" else self.eval_split
-        return read_olora(self.root, self.task, s, self.instruction)
+        return read_olora(self.root, self.task, s, self.instruction, task_prefix=self.task_prefix)
 
     def source(self, split: str) -> ExampleSource:
         return ExampleSource(MemoryReader(self.examples(split)), "instruction")
+
+
+class SuperNISourceSpec(Strict):
+    """One task of SuperNI's 15-task continual-learning split (``ROOT/SuperNI/<task>/``, SAPT's
+    layout of Natural Instructions task files)."""
+
+    type: Literal["superni"]
+    root: ExistingPath
+    task: str
+    eval_split: Literal["dev", "test"] = "test"
+    kind: Literal["instruction"] = "instruction"
+
+    def has_split(self, split: str) -> bool:
+        return True
+
+    def examples(self, split: str) -> list[dict[str, Any]]:
+        return read_superni(self.root, self.task, "train" if split == "train" else self.eval_split)
+
+    def source(self, split: str) -> ExampleSource:
+        return ExampleSource(MemoryReader(self.examples(split)), "instruction")
+
+
+class LimaSourceSpec(Strict):
+    """The LIMA release (``ROOT/train.jsonl`` of ``conversations``). It has no scored split
+    (its test prompts have no responses): as a task's data, ``eval_size`` examples are held out."""
+
+    type: Literal["lima"]
+    root: ExistingPath
+    kind: Literal["instruction"] = "instruction"
+
+    def has_split(self, split: str) -> bool:
+        return split == "train"
+
+    def examples(self, split: str) -> list[dict[str, Any]]:
+        return read_lima(self.root, split)
+
+    def source(self, split: str) -> ExampleSource:
+        return ExampleSource(MemoryReader(self.examples(split), "LIMA train.jsonl"), "instruction")
 
 
 SourceSpec = Annotated[
@@ -236,7 +281,9 @@ SourceSpec = Annotated[
     | TfdsSourceSpec
     | MemorySourceSpec
     | TraceSourceSpec
-    | OLoraSourceSpec,
+    | OLoraSourceSpec
+    | SuperNISourceSpec
+    | LimaSourceSpec,
     Field(discriminator="type"),
 ]
 

@@ -6,6 +6,10 @@ does with it: a buffer per stage, the finished task's examples remembered at its
 ``memory``) and, for InsCL, the quotas re-split for each new task (phase ``task_start``). A-GEM's
 episodic memory uses the same ``memory`` hook.
 
+With ``general`` (TRACE's replay of LIMA, Wang et al., 2023) a general-purpose instruction set
+enters the memory at the start of the stage's first task, under the name ``general``, and is
+mixed in from then on like a finished task's examples (sharing the capacity by ``quota``).
+
 With ``pseudo`` (LAMOL, Sun et al., 2020) no real example is kept: at a task's end the memory
 notes only how to prompt for the task (its prompt prefix and separator), and at the start of
 every later task the current model (the one that finished the previous task) generates the
@@ -29,6 +33,7 @@ from jaxcl.data.pseudo import (
     pseudo_replay,
 )
 from jaxcl.data.replay import RatioScheduleSpec, ReplayBuffer
+from jaxcl.data.spec import DataSpec
 from jaxcl.data.tokenize import token_ids
 from jaxcl.methods.protocol import Carry, Context, Hook, MethodSpecBase
 from jaxcl.spec import Strict
@@ -50,6 +55,29 @@ def remember_task(ctx: Context, carry: Carry) -> Carry:
     # the task's rows stream by (read again, never held whole): algorithm R keeps a sample
     carry.buffer.add_task(task.name, task.examples, instructions=list(task.instructions))
     return carry
+
+
+#: the memory's name for the general data of ``replay.general``
+GENERAL = "general"
+
+
+def remember_general(data: DataSpec) -> Callable[[Context, Carry], Carry]:
+    """Phase ``task_start`` (the stage's first task): the general data enters the memory, so
+    that it is mixed into every task's batches, the first one's included."""
+
+    def hook(ctx: Context, carry: Carry) -> Carry:
+        buf = carry.buffer
+        if ctx.task.index != 0 or GENERAL in buf.tasks:  # resumed: already in the memory
+            return carry
+        src = data.source
+        rows = src.examples("train") if src is not None else data.load("train")
+        if src is not None and "train_size" in data.model_fields_set:
+            rows = rows[: data.train_size]
+        prompts = [str(r.get("prompt", r.get("text", ""))) for r in rows]
+        buf.add_task(GENERAL, ctx.tools["encode"](rows), instructions=prompts)
+        return carry
+
+    return hook
 
 
 def _inscl_upcoming(ctx: Context, carry: Carry) -> Carry:
@@ -203,6 +231,12 @@ class ReplaySpec(MethodSpecBase):
     pseudo: PseudoSpec | None = Field(
         None, description="LAMOL pseudo-replay: generated examples, no real data kept"
     )
+    general: DataSpec | None = Field(
+        None,
+        description="general data (e.g. LIMA, as TRACE replays it) put in the memory at the "
+        "stage's start and mixed in from the first task on (its whole training split, or "
+        "train_size examples when given)",
+    )
 
     @pydantic.model_validator(mode="after")
     def _pseudo_quota(self) -> ReplaySpec:
@@ -211,6 +245,10 @@ class ReplaySpec(MethodSpecBase):
                 "replay.pseudo splits the generated examples equally among finished tasks "
                 f"(LAMOL); quota must be 'equal', got {self.quota!r}"
             )
+        if self.general is not None and self.pseudo is not None:
+            raise ValueError("replay.general keeps real examples; pseudo-replay keeps none")
+        if self.general is not None and self.general.kind == "preference":
+            raise ValueError("replay.general: preference pairs are not replayed")
         return self
 
     def replay_ratio(self) -> float | Callable[[int], float]:
@@ -234,4 +272,6 @@ class ReplaySpec(MethodSpecBase):
         hooks = [Hook("memory", remember_task, "replay")]
         if self.quota == "inscl":
             hooks.insert(0, Hook("task_start", _inscl_upcoming, "replay (inscl)"))
+        if self.general is not None:  # before inscl's re-split, which weighs it too
+            hooks.insert(0, Hook("task_start", remember_general(self.general), "replay (general)"))
         return hooks
