@@ -25,7 +25,9 @@ EXAMPLES = {
     "methods": "example:\n  jaxcl methods",
     "eval": """example:
   jaxcl eval runs/quickstart/checkpoints/cit/120 recipes/quickstart.yaml
-  jaxcl eval runs/quickstart/checkpoints/cit/120 recipes/quickstart.yaml --json scores.json""",
+  jaxcl eval runs/quickstart/checkpoints/cit/120 recipes/quickstart.yaml --json scores.json
+  jaxcl eval runs/quickstart/checkpoints/cit/120 recipes/quickstart.yaml \\
+      --lm-eval my_task --lm-eval-include tasks/ --lm-eval-limit 100""",
     "report": """examples:
   jaxcl report runs/quickstart
   # the run's R beside TRACE's published ones (Tables 8, 13, 18), OP and BWT of both:
@@ -75,6 +77,18 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("recipe", help="the recipe whose tasks (and model) to use")
     evaluate.add_argument("overrides", nargs="*", help="key.path=value overrides")
     evaluate.add_argument("--json", help="also write the scores to this JSON file")
+    evaluate.add_argument(
+        "--lm-eval",
+        metavar="TASKS",
+        help="also score lm-evaluation-harness tasks (comma-separated names; needs the "
+        "lm-eval extra)",
+    )
+    evaluate.add_argument(
+        "--lm-eval-limit", type=int, metavar="N", help="documents per lm-eval task (default all)"
+    )
+    evaluate.add_argument(
+        "--lm-eval-include", metavar="DIR", help="a folder of local lm-eval task YAMLs"
+    )
 
     prepare = sub.add_parser(
         "prepare",
@@ -258,7 +272,15 @@ def _eval(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     console = Console()
-    result = evaluate(recipe, args.checkpoint, console)
+    harness = None
+    if args.lm_eval:
+        tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
+        harness = {
+            "tasks": tasks,
+            "limit": args.lm_eval_limit,
+            "include_path": args.lm_eval_include,
+        }
+    result = evaluate(recipe, args.checkpoint, console, lm_eval=harness)
     print_evaluation(console, result)
     if args.json:
         with open(args.json, "w") as f:

@@ -29,12 +29,20 @@ def _views(run, stage: StageSpec, path: Path):
     return lambda i: program.view(cursor.state.params, carry, i), sctx
 
 
-def evaluate(recipe: Recipe, checkpoint_dir: str | Path, console: Console | None = None) -> dict:
+def evaluate(
+    recipe: Recipe,
+    checkpoint_dir: str | Path,
+    console: Console | None = None,
+    *,
+    lm_eval: dict[str, Any] | None = None,
+) -> dict:
     """``{"checkpoint", "stages": {stage: {"metric", "task_metrics", "scores"}}, "probes"}`` for
     the parameters of ``checkpoint_dir`` (a step folder ``OUT/checkpoints/<stage>/<step>``):
     every task scored by its own metric (``task_metrics: {task: metric}``), as in training, the
     checkpoint's own stage's tasks on their eval views where its methods declare them;
-    ``metric`` is the stage-level name."""
+    ``metric`` is the stage-level name. ``lm_eval``: ``{"tasks": [...], "limit": N,
+    "include_path": DIR}`` also scores lm-evaluation-harness tasks (``out["lm_eval"]``:
+    ``{task: {metric: value}}``)."""
     console = console or Console()
     path = Path(checkpoint_dir)
     if not (path / "params").exists() or not path.name.isdigit():
@@ -62,7 +70,28 @@ def evaluate(recipe: Recipe, checkpoint_dir: str | Path, console: Console | None
             "scores": scores,
         }
     out["probes"] = ctx.probe(params)
+    if lm_eval is not None:
+        out["lm_eval"] = _lm_eval(run, ctx, params, lm_eval)
     return out
+
+
+def _lm_eval(run, ctx, params, request: dict[str, Any]) -> dict[str, dict[str, float]]:
+    try:
+        from jaxcl.eval.harness_run import run_lm_eval
+    except ImportError as err:
+        raise ValueError(
+            f"--lm-eval needs lm-evaluation-harness ({err}); pip install -e '.[lm-eval]'"
+        ) from None
+    return run_lm_eval(
+        params,
+        ctx.model_config,
+        run.tokenizer,
+        request["tasks"],
+        limit=request.get("limit"),
+        include_path=request.get("include_path"),
+        mesh=run.mesh,
+        rules=run.rules,
+    )
 
 
 def print_evaluation(console: Console, result: dict[str, Any]) -> None:
@@ -74,6 +103,9 @@ def print_evaluation(console: Console, result: dict[str, Any]) -> None:
             metric = entry.get("task_metrics", {}).get(task, entry["metric"])
             table.add_row(stage, metric, task, f"{score:.4f}")
     console.print(table)
-    if result.get("probes"):
-        suites = ("general", "instruction", "safety")
-        console.print("probes: " + "  ".join(f"{k}={result['probes'][k]:.3f}" for k in suites))
+    probes = result.get("probes")
+    if probes:
+        suites = [k for k in ("general", "instruction", "safety") if k in probes]
+        console.print("probes: " + "  ".join(f"{k}={probes[k]:.3f}" for k in suites))
+    for task, scores in (result.get("lm_eval") or {}).items():
+        console.print(f"lm-eval {task}: " + "  ".join(f"{k}={v:.4f}" for k, v in scores.items()))

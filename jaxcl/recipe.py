@@ -307,6 +307,43 @@ class StageSpec(Strict):
         return next((m for m in self.methods if m.name == name), None)
 
 
+class LmEvalProbes(Strict):
+    """lm-evaluation-harness tasks standing for the survey's three probe suites: each suite's
+    score R^G / R^I / R^S is the mean of its tasks' main metric (the first of ``metrics``
+    that the task reports), scored before the first stage and after every stage."""
+
+    general: list[str] = Field(default_factory=list, description="tasks for R^G")
+    instruction: list[str] = Field(default_factory=list, description="tasks for R^I")
+    safety: list[str] = Field(default_factory=list, description="tasks for R^S")
+    limit: int | None = Field(None, ge=1, description="documents per task (all when null)")
+    include_path: str | None = Field(None, description="a folder of local task YAMLs")
+    batch_size: int = Field(8, ge=1)
+    num_fewshot: int | None = Field(None, ge=0)
+    metrics: list[str] = Field(
+        default_factory=lambda: ["acc_norm", "acc", "exact_match", "rouge_l", "f1"],
+        min_length=1,
+        description="the metric each task is scored by: the first of these it reports",
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _some_task(self) -> LmEvalProbes:
+        if not (self.general or self.instruction or self.safety):
+            raise ValueError("lm_eval probes name no task: give general, instruction or safety")
+        return self
+
+    def suites(self) -> dict[str, list[str]]:
+        named = {"general": self.general, "instruction": self.instruction, "safety": self.safety}
+        return {suite: tasks for suite, tasks in named.items() if tasks}
+
+
+class ProbeSpec(Strict):
+    """Which probes score the model around every stage: the built-in suites (``builtin``),
+    and lm-eval tasks that replace the built-in score of the suites they name."""
+
+    builtin: bool = True
+    lm_eval: LmEvalProbes | None = None
+
+
 class Recipe(Strict):
     name: Name
     out_dir: str
@@ -322,8 +359,10 @@ class Recipe(Strict):
         description="stop the run when the gradient norm is zero for this many consecutive "
         "steps of a task (no signal: nothing is learned); 0 turns the check off",
     )
-    probes: bool = Field(
-        True, description="score the general/instruction/safety probe suites around every stage"
+    probes: bool | ProbeSpec = Field(
+        True,
+        description="score the general/instruction/safety probe suites around every stage: "
+        "true (the built-in suites), false, or a mapping with lm-eval suites",
     )
     peak_flops_per_device: float | None = Field(
         None, gt=0, description="peak FLOP/s of one device, to log model FLOPs utilisation"

@@ -72,7 +72,10 @@ def data_markdown(stage: dict[str, Any]) -> str:
 
 
 def probes_markdown(probes: dict[str, Any]) -> str:
-    """The cross-stage probe table and the survey's deltas ΔR^G, ΔR^I, ΔR^S."""
+    """The cross-stage probe table, the survey's deltas ΔR^G, ΔR^I, ΔR^S (of the suites the
+    recipe scores), and each lm-eval task's score when lm-eval scored a suite."""
+    suites = ("general", "instruction", "safety")
+    score = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
     lines = [
         "## Cross-stage forgetting",
         "",
@@ -81,19 +84,20 @@ def probes_markdown(probes: dict[str, Any]) -> str:
         "| after | R^G (general) | R^I (instruction) | R^S (safety) |",
         "|---|---|---|---|",
     ]
-    for i, row in enumerate(probes["scores"]):
-        label = "start" if i == 0 else f"stage {i}"
-        values = " | ".join(f"{row[k]:.3f}" for k in ("general", "instruction", "safety"))
-        lines.append(f"| {label} | {values} |")
-    deltas = ", ".join(
-        f"{name} = {probes[key]:+.3f}"
-        for name, key in (
-            ("ΔR^G", "delta_general"),
-            ("ΔR^I", "delta_instruction"),
-            ("ΔR^S", "delta_safety"),
-        )
-    )
+    labels = ["start"] + [f"stage {i}" for i in range(1, len(probes["scores"]))]
+    for label, row in zip(labels, probes["scores"]):
+        lines.append(f"| {label} | " + " | ".join(score(row.get(k)) for k in suites) + " |")
+    names = (("ΔR^G", "delta_general"), ("ΔR^I", "delta_instruction"), ("ΔR^S", "delta_safety"))
+    deltas = ", ".join(f"{name} = {probes[key]:+.3f}" for name, key in names if key in probes)
     lines += ["", f"Deltas after the last stage: {deltas}.", ""]
+    harness = sorted(k for k in probes["scores"][0].get("tasks", {}) if k.startswith("lm_eval/"))
+    if harness:
+        lines += ["| after | " + " | ".join(h.removeprefix("lm_eval/") for h in harness) + " |"]
+        lines.append("|---" * (len(harness) + 1) + "|")
+        for label, row in zip(labels, probes["scores"]):
+            cells = [score(row.get("tasks", {}).get(h)) for h in harness]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -52,6 +52,9 @@ MICRO = [
 ]
 
 
+FINISHED = "finished before the kill"
+
+
 def command(out: Path) -> list[str]:
     return [sys.executable, "-m", "jaxcl.cli", "run", str(QUICKSTART), f"out_dir={out}", *MICRO]
 
@@ -85,7 +88,7 @@ def kill_after(out: Path, seconds: float) -> str:
     proc = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         proc.wait(timeout=seconds)
-        return "finished before the kill"
+        return FINISHED
     except subprocess.TimeoutExpired:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -113,11 +116,15 @@ def main(argv: list[str] | None = None) -> int:
     expected = digests(reference)
     steps = len((reference / "metrics.jsonl").read_text().splitlines())
     print(f"uninterrupted run: {wall:.1f} s, {steps} steps logged")
-    failures = 0
-    for trial in range(args.trials):
+    failures = trial = 0
+    while trial < args.trials:
         out = work / f"trial-{trial}"
         shutil.rmtree(out, ignore_errors=True)
-        moments = [kill_after(out, rng.uniform(1.0, wall))]
+        moment = kill_after(out, rng.uniform(1.0, wall))
+        if moment == FINISHED:  # the run was faster than the moment drawn: draw again
+            print(f"(the run finished before the kill; drawing trial {trial} again)")
+            continue
+        moments = [moment]
         if trial < args.resume_kills and (out / "run.json").exists():
             moments.append("resume " + kill_after(out, rng.uniform(0.5, 6.0)))
         finish(out)
@@ -126,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "identical" if same else "DIFFERS"
         print(f"trial {trial:2d}: killed at {' / '.join(moments)}: {verdict}")
         shutil.rmtree(out, ignore_errors=True)
+        trial += 1
     print(f"{args.trials - failures} of {args.trials} resumes identical to the uninterrupted run")
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)

@@ -146,6 +146,11 @@ def test_probe_scores_and_survey_deltas():
     assert d["per_stage"][1]["step_general"] == pytest.approx(-0.2)
     with pytest.raises(ValueError, match="at least one stage"):
         probe_deltas(history[:1])
+    # a recipe scoring only some suites (lm-eval tasks for R^G alone) gets their deltas alone
+    partial = probe_deltas([{"general": 0.5, "tasks": {}}, {"general": 0.25, "tasks": {}}])
+    assert partial["delta_general"] == pytest.approx(-0.25) and "delta_safety" not in partial
+    with pytest.raises(ValueError, match=r"history\[1\] lacks suite\(s\) \['general'\]"):
+        probe_deltas([{"general": 0.5}, {"safety": 0.5}])
 
 
 def _margins(out, stage_dir_name="align"):

@@ -42,6 +42,11 @@ pip install ...          not run: ``.``/``.[extra]`` needs the extras in pyproje
                          package must be a dependency there or in EXTERNAL_PACKAGES
 python -m pytest ...     not run: named paths exist (and collect), ``-m`` markers are
                          registered, with no path the configured testpaths exist
+python -m jaxcl.eval.    not run (tests/test_lm_eval.py runs that command line for real, on local
+harness ..., jaxcl-lm-   tasks, offline): parsed by lm-eval's own parser; ``--model jaxcl``'s
+eval ..., lm_eval ...    model_args are JaxclLM's, with one model source, a known preset, a
+                         ``checkpoint=`` step the full recipe writes; bare ``lm_eval --model
+                         jaxcl`` FAILS (lm-eval 0.4 loads no plugins: it cannot find jaxcl)
 [bash] DIR/x.sh ...      not run: the script exists (executable when run directly) and passes
                          ``bash -n``; ``tpu/launch.sh``'s RECIPE [key=value ...] dry-runs as above
 srun ..., bash -c '...'  unwrapped: the inner command is checked
@@ -398,6 +403,10 @@ def exercise(cmd: Command, workspace: Workspace | None) -> None:
         return check_pip(cmd, argv[argv.index("pip") + 1 :])
     if argv[0] == "pytest" or argv[:3] in (["python", "-m", "pytest"], ["python3", "-m", "pytest"]):
         return check_pytest(cmd, argv[argv.index("pytest") + 1 :])
+    if argv[0] in ("lm_eval", "lm-eval", "jaxcl-lm-eval"):
+        return check_lm_eval(cmd, argv[1:], ws, bare=argv[0] != "jaxcl-lm-eval")
+    if argv[0] in ("python", "python3") and argv[1:3] == ["-m", "jaxcl.eval.harness"]:
+        return check_lm_eval(cmd, argv[3:], ws, bare=False)
     if argv[0] in ("bash", "sh") and len(argv) > 1 and argv[1].endswith(".sh"):
         return check_script(cmd, argv[1], argv[2:], ws, direct=False)
     if argv[0].endswith(".sh") and "/" in argv[0]:
@@ -681,6 +690,54 @@ def check_pytest(cmd: Command, args: list[str]) -> None:
     )
     if proc.returncode != 0:
         cmd.fail(f"pytest --collect-only {' '.join(paths)} failed:\n{proc.stdout[-3000:]}")
+
+
+def check_lm_eval(cmd: Command, args: list[str], ws: Workspace, bare: bool) -> None:
+    """lm-eval's command line: parsed, not run (tests/test_lm_eval.py runs it on local tasks)."""
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (the lm-eval extra)")
+    from lm_eval._cli import HarnessCLI
+
+    from jaxcl.eval.harness import MODEL_ARGS
+    from jaxcl.models import sources
+
+    parser = HarnessCLI()._parser
+    if args and args[0] not in ("run", "ls", "validate", "-h", "--help"):
+        args = ["run", *args]  # lm-eval's legacy form, as its own parse_args inserts it
+    try:
+        with redirect_stderr(io.StringIO()) as err, redirect_stdout(io.StringIO()):
+            ns = parser.parse_args(args)
+    except SystemExit as exc:
+        if exc.code in (0, None):
+            return  # --help
+        cmd.fail(f"lm-eval's parser rejects it: {err.getvalue()[-1000:]}")
+    if ns.command != "run" or ns.model != "jaxcl":
+        return
+    if bare:
+        cmd.fail(
+            "the bare lm_eval command cannot find --model jaxcl (lm-eval 0.4 loads no plugins): "
+            "use python -m jaxcl.eval.harness or jaxcl-lm-eval"
+        )
+    margs = ns.model_args or {}
+    unknown = sorted(set(margs) - set(MODEL_ARGS))
+    if unknown:
+        cmd.fail(f"model_args {unknown} are not the jaxcl backend's ({', '.join(MODEL_ARGS)})")
+    given = [k for k in ("preset", "hf", "checkpoint") if k in margs]
+    if len(given) != 1:
+        cmd.fail(f"model_args need exactly one of preset=, hf=, checkpoint=; got {given}")
+    if "preset" in margs and margs["preset"] not in sources():
+        cmd.fail(f"preset={margs['preset']} is not a jaxcl preset ({', '.join(sources())})")
+    if "checkpoint" in margs:
+        recipe = margs.get("recipe")
+        if recipe is None or not (ROOT / str(recipe)).is_file():
+            cmd.fail(f"checkpoint= needs recipe= naming a recipe of the repository, got {recipe}")
+        match = re.fullmatch(
+            r"(?:\./)?runs/quickstart/checkpoints/([^/]+)/(\d+)/?", margs["checkpoint"]
+        )
+        if match is None:
+            cmd.fail(
+                f"checkpoint={margs['checkpoint']}: only runs/quickstart checkpoints are known"
+            )
+        _check_full_run_step(cmd, ws, str(recipe), [], match[1], int(match[2]))
 
 
 def check_script(cmd: Command, script: str, args: list[str], ws: Workspace, direct: bool):

@@ -153,14 +153,63 @@ def probe_deltas(history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             f"probe_deltas needs the scores before training and after at least one stage, "
             f"got {len(history)} entries"
         )
+    suites = [k for k in SUITES if k in history[0]]  # the suites a recipe scores
+    if not suites:
+        raise ValueError(f"probe_deltas: history[0] scores none of the suites {list(SUITES)}")
     for i, h in enumerate(history):
-        missing = [s for s in SUITES if s not in h]
+        missing = [k for k in suites if k not in h]
         if missing:
             raise ValueError(f"probe_deltas: history[{i}] lacks suite(s) {missing}")
     base = history[0]
     per_stage = []
     for s in range(1, len(history)):
-        row = {DELTA_KEYS[k]: float(history[s][k] - base[k]) for k in SUITES}
-        row.update({f"step_{k}": float(history[s][k] - history[s - 1][k]) for k in SUITES})
+        row = {DELTA_KEYS[k]: float(history[s][k] - base[k]) for k in suites}
+        row.update({f"step_{k}": float(history[s][k] - history[s - 1][k]) for k in suites})
         per_stage.append(row)
-    return {**{key: per_stage[-1][key] for key in DELTA_KEYS.values()}, "per_stage": per_stage}
+    last = {DELTA_KEYS[k]: per_stage[-1][DELTA_KEYS[k]] for k in suites}
+    return {**last, "per_stage": per_stage}
+
+
+def main_metric(scores: Mapping[str, float], preferred: Sequence[str], task: str) -> float:
+    """The score of an lm-eval ``task``: the first metric of ``preferred`` it reports."""
+    for name in preferred:
+        if name in scores:
+            return float(scores[name])
+    raise ValueError(
+        f"lm-eval task {task!r} reports none of the metrics {list(preferred)} (it reports "
+        f"{sorted(scores)}); name one in probes.lm_eval.metrics"
+    )
+
+
+def lm_eval_probes(
+    spec: Any, params: Any, config: Any, tokenizer: Any, *, mesh: Any = None, rules: Any = None
+) -> dict[str, Any]:
+    """Suite scores from lm-evaluation-harness: ``spec`` (a recipe's ``probes.lm_eval``) names
+    the tasks of each suite; a suite's score is the mean of its tasks' :func:`main_metric`,
+    ``tasks`` holds each as ``lm_eval/<task>``. ``params``: the plain model's parameters."""
+    try:
+        from jaxcl.eval.harness_run import run_lm_eval
+    except ImportError as err:
+        raise ValueError(
+            f"probes.lm_eval needs lm-evaluation-harness ({err}); install the extra: "
+            "pip install -e '.[lm-eval]'"
+        ) from None
+    suites = spec.suites()
+    names = list(dict.fromkeys(t for tasks in suites.values() for t in tasks))
+    table = run_lm_eval(
+        params,
+        config,
+        tokenizer,
+        names,
+        limit=spec.limit,
+        include_path=spec.include_path,
+        batch_size=spec.batch_size,
+        num_fewshot=spec.num_fewshot,
+        mesh=mesh,
+        rules=rules,
+    )
+    scores = {t: main_metric(table.get(t, {}), spec.metrics, t) for t in names}
+    out: dict[str, Any] = {"tasks": {f"lm_eval/{t}": v for t, v in scores.items()}}
+    for suite, tasks in suites.items():
+        out[suite] = float(np.mean([scores[t] for t in tasks]))
+    return out

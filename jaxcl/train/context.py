@@ -23,9 +23,9 @@ from rich.console import Console
 from jaxcl import checkpoint, parallel
 from jaxcl.data.distributed import global_batch
 from jaxcl.eval import make_batch_scorer
-from jaxcl.eval.probes import score_probes
+from jaxcl.eval.probes import lm_eval_probes, score_probes
 from jaxcl.eval.tasks import ModelScorer
-from jaxcl.recipe import Recipe, StageSpec
+from jaxcl.recipe import ProbeSpec, Recipe, StageSpec
 from jaxcl.train.adapters import StageModel
 from jaxcl.train.step import make_apply
 
@@ -190,12 +190,29 @@ class StageContext:
         self.run.drop_checkpoints(paths)
 
     def probe(self, params) -> dict[str, Any] | None:
-        """General, instruction-following and safety probe scores (``recipe.probes``)."""
-        if not self.recipe.probes:
+        """General, instruction-following and safety probe scores (``recipe.probes``): the
+        built-in suites, with the suites ``probes.lm_eval`` names scored by lm-eval instead."""
+        spec = self.recipe.probes
+        if spec is False:
             return None
-        return score_probes(
-            self.model_scorer.batch, params, self.tokenizer, put_batch=self.put_batch
-        )
+        spec = ProbeSpec() if spec is True else spec
+        out: dict[str, Any] = {"tasks": {}}
+        if spec.builtin:
+            out = score_probes(
+                self.model_scorer.batch, params, self.tokenizer, put_batch=self.put_batch
+            )
+        if spec.lm_eval is not None:
+            plain = self.model.export(params)  # a LoRA stage's adapters folded in
+            harness = lm_eval_probes(
+                spec.lm_eval,
+                plain,
+                self.model_config,
+                self.tokenizer,
+                mesh=self.mesh,
+                rules=self.run.rules,
+            )
+            out = {**out, **harness, "tasks": {**out["tasks"], **harness["tasks"]}}
+        return out
 
 
 def make_context(recipe: Recipe, console: Console) -> tuple[RunContext, Any]:

@@ -148,14 +148,14 @@ def _print_probes(console: Console, probes: dict[str, Any]) -> None:
         table.add_column(column, justify="right" if column != "after" else "left")
     labels = ["start"] + [f"stage {i}" for i in range(1, len(probes["scores"]))]
     for label, row in zip(labels, probes["scores"]):
-        table.add_row(label, *(f"{row[k]:.3f}" for k in ("general", "instruction", "safety")))
+        table.add_row(label, *(_score(row.get(k)) for k in ("general", "instruction", "safety")))
     console.print(table)
-    console.print(
-        "  "
-        + "  ".join(
-            f"{k}={probes[k]:+.3f}" for k in ("delta_general", "delta_instruction", "delta_safety")
-        )
-    )
+    keys = ("delta_general", "delta_instruction", "delta_safety")
+    console.print("  " + "  ".join(f"{k}={probes[k]:+.3f}" for k in keys if k in probes))
+
+
+def _score(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
 
 
 def _resume_label(point: ResumePoint, recipe: Recipe) -> str:

@@ -367,6 +367,17 @@ class StageRun:
                     self.events.add_scalar(f"{self.stage.name}/{key}", value, entry["step"])
         progress.update(bar, loss=f"{entry['loss']:.3f}")
 
+    def log_probes(self, probes: dict[str, Any] | None) -> None:
+        """Probe scores after the stage to TensorBoard: ``probes/<suite>`` and
+        ``probes/<task>`` at the stage's position in the recipe (1 = after the first)."""
+        if probes is None or not parallel.is_primary():
+            return
+        position = [s.name for s in self.ctx.recipe.stages].index(self.stage.name) + 1
+        scores = {k: v for k, v in probes.items() if isinstance(v, float)}
+        scores.update(probes.get("tasks", {}))
+        for key, value in scores.items():
+            self.events.add_scalar(f"probes/{key}", float(value), position)
+
     def end_task(self, t: int, score) -> None:
         """Score every task (each on its eval view), then the boundary in its fixed order:
         estimates of every method → one consolidate → fold → renew → memory → merge →
@@ -390,6 +401,7 @@ class StageRun:
             cursor.record.setdefault("data", {})[self.tasks[t].name] = data_record(self.stream)
         if t == len(self.tasks) - 1:  # the stage's end: probes and digest in its final manifest
             cursor.record["probes_after"] = self.ctx.probe(cursor.state.params)
+            self.log_probes(cursor.record["probes_after"])
             cursor.record["final_params_sha256"] = checkpoint.params_digest(cursor.state.params)
         doomed = {str(stage_dir / str(s)) for s in superseded}
         self.parent = _surviving_parent(self.ctx, self.parent, doomed)  # lineage: what stays
