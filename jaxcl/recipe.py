@@ -356,8 +356,8 @@ class Recipe(Strict):
     stall_steps: int = Field(
         25,
         ge=0,
-        description="stop the run when the gradient norm is zero for this many consecutive "
-        "steps of a task (no signal: nothing is learned); 0 turns the check off",
+        description="stop the run when, for this many consecutive steps of a task, the "
+        "gradient norm is zero or a token loss stays at ln V (no signal); 0 turns it off",
     )
     probes: bool | ProbeSpec = Field(
         True,

@@ -66,3 +66,27 @@ def test_stall_steps_zero_turns_the_check_off(tmp_path, monkeypatch):
     monkeypatch.setattr(TaskStream, "next_batch", _masked_from(0))
     results = run_recipe(_recipe(tmp_path, "stall_steps=0"))
     assert all(e["grad_norm"] == 0.0 for e in results["stages"][0]["losses"])
+
+
+def _watch(stall: int, vocab: int = 384):
+    from types import SimpleNamespace
+
+    from jaxcl.train.guards import StepWatch
+
+    named = SimpleNamespace(name="x")
+    return StepWatch(named, named, lambda: "ckpt", stall, uniform=float(np.log(vocab)))
+
+
+def test_a_loss_stuck_at_ln_vocab_for_stall_steps_stops_even_with_a_gradient():
+    """A saturated model predicting uniformly: loss ln 384 = 5.9506 while the gradient is not
+    zero (the issue's lr=1e6 run); three such steps of three stop it, one nearby loss does not."""
+    watch = _watch(3)
+    ln_v = float(np.log(384))
+    watch((0, {"loss": np.float32(ln_v * (1 + 5e-3)), "grad_norm": np.float32(0.3)}))  # off
+    watch((1, {"loss": np.float32(ln_v), "grad_norm": np.float32(0.3)}))
+    watch((2, {"loss": np.float32(ln_v * (1 - 5e-4)), "grad_norm": np.float32(0.3)}))
+    with pytest.raises(TrainingStalled, match=r"ln V = 5\.9506 .* for 3 consecutive steps"):
+        watch((3, {"loss": np.float32(ln_v), "grad_norm": np.float32(0.3)}))
+    fresh = _watch(3)  # a step that moves off ln V resets the count
+    for k, loss in enumerate([ln_v, ln_v, ln_v * 0.99, ln_v, ln_v]):
+        fresh((k, {"loss": np.float32(loss), "grad_norm": np.float32(0.3)}))

@@ -48,18 +48,38 @@ def unmasked(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.zeros_like(v) if k.endswith("mask") else v for k, v in batch.items()}
 
 
+#: a loss within this fraction of ln V counts as stuck at the uniform prediction
+UNIFORM_RTOL = 1e-3
+
+
 class StepWatch:
     """Checks each step's metrics one step behind (no stall of the device queue): a loss that
-    is not finite stops the run at once; a gradient norm of exactly zero for ``stall``
-    consecutive steps (no signal: every trained token masked away, or a model driven into
-    saturation) stops it too. Each step is judged once, however often it is asked."""
+    is not finite stops the run at once; ``stall`` consecutive steps without signal stop it
+    too: a gradient norm of exactly zero (every trained token masked away, or a model driven
+    into saturation), or a loss stuck at the uniform prediction's ``ln V`` (within
+    :data:`UNIFORM_RTOL`; ``uniform`` = ``ln V`` for token losses, ``None`` for objectives
+    whose loss is on another scale, e.g. DPO's). Each step is judged once, however often it
+    is asked."""
 
     def __init__(
-        self, stage: StageSpec, task: TaskData, parent: Callable[[], str | None], stall: int
+        self,
+        stage: StageSpec,
+        task: TaskData,
+        parent: Callable[[], str | None],
+        stall: int,
+        uniform: float | None = None,
     ):
         # parent: the last good checkpoint when asked (a mid-task save moves it on)
         self.stage, self.task, self.parent, self.stall = stage, task, parent, stall
-        self.zero_steps, self.seen = 0, -1
+        self.uniform = uniform
+        self.stuck_steps, self.seen = 0, -1
+
+    def _stuck(self, loss: float, grad_norm: float) -> str | None:
+        if grad_norm == 0.0:
+            return "the gradient norm has been 0"
+        if self.uniform is not None and abs(loss - self.uniform) <= UNIFORM_RTOL * self.uniform:
+            return f"the loss has stayed at ln V = {self.uniform:.4f} (a uniform prediction)"
+        return None
 
     def __call__(self, pending) -> None:
         if pending is None or pending[0] == self.seen:
@@ -75,13 +95,12 @@ class StepWatch:
             )
         if not self.stall:
             return
-        zero = float(parallel.to_host(metrics["grad_norm"])) == 0.0
-        self.zero_steps = self.zero_steps + 1 if zero else 0
-        if self.zero_steps >= self.stall:
+        stuck = self._stuck(loss, float(parallel.to_host(metrics["grad_norm"])))
+        self.stuck_steps = self.stuck_steps + 1 if stuck else 0
+        if self.stuck_steps >= self.stall:
             raise TrainingStalled(
-                f"the gradient norm has been 0 for {self.zero_steps} consecutive steps at "
-                f"{where} (loss {loss:.4f}): training has no signal (rows with no trained "
-                "token, or a learning rate that saturated the model). The run stopped there. "
-                f"Last good checkpoint: {self.parent() or 'none'} (stall_steps: 0 turns the "
-                "check off)"
+                f"{stuck} for {self.stuck_steps} consecutive steps at {where} (loss "
+                f"{loss:.4f}): training has no signal (rows with no trained token, or a "
+                "learning rate that saturated the model). The run stopped there. Last good "
+                f"checkpoint: {self.parent() or 'none'} (stall_steps: 0 turns the check off)"
             )

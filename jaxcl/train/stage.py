@@ -10,6 +10,7 @@ every checkpoint; :mod:`jaxcl.train.data`).
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -328,7 +329,9 @@ class StageRun:
         stepped = any(h.phase == "step" for h in program.hooks)
         self.stream, memory = self.streams(t, first)
         pending = None  # the previous step's metrics, checked one step behind (no stall)
-        watch = StepWatch(stage, task, lambda: self.parent, recipe.stall_steps)
+        token_loss = STAGE_DATA_KIND[stage.kind] != "preference"  # a loss on the ln V scale
+        uniform = math.log(self.ctx.model_config.vocab_size) if token_loss else None
+        watch = StepWatch(stage, task, lambda: self.parent, recipe.stall_steps, uniform)
         for k in range(first, steps):
             rows = read_batch(self.stream, stage, task, self.parent)
             batch = self.ctx.put_rows(rows)
