@@ -62,7 +62,7 @@ def test_stage_loop_names_no_method():
 STAGE = {
     "name": "cit",
     "kind": "instruct",
-    "seq_len": 32,
+    "seq_len": 48,  # the sentiment prompts fill 32 positions: no trained token
     "batch_size": 8,
     "eval_batch_size": 16,
     "steps_per_task": 3,
