@@ -140,9 +140,10 @@ def save_checkpoint(
     if replay:
         items["replay"] = ocp.args.StandardSave(replay)
     final = Path(stage_dir) / str(step)
-    if os.path.lexists(final) and not final.is_dir():
-        # a broken or looping link (or a file) where the step goes: Orbax's rename onto it
-        # would fail on every run, so it goes (a link itself, never what it points to)
+    if os.path.lexists(final) and (final.is_symlink() or not final.is_dir()):
+        # a link (broken, looping, or to a folder elsewhere) or a file where the step goes:
+        # Orbax would fail to rename onto it, or delete through it; the link itself goes,
+        # never what it points to
         remove_run_data(final, _run_dir_of(stage_dir))
     with _manager(stage_dir) as mgr:
         if step in mgr.all_steps():
@@ -281,9 +282,13 @@ def delete_steps(stage_dir: Path, steps: list[int], run_dir: Path | None = None)
     run_dir = _run_dir_of(stage_dir) if run_dir is None else Path(run_dir)
     for step in steps:
         guard_deletion(Path(stage_dir) / str(step), run_dir)
+    linked = [s for s in steps if (Path(stage_dir) / str(s)).is_symlink()]
+    for step in linked:  # a link goes as a link (Orbax would rmtree through it, or fail)
+        remove_run_data(Path(stage_dir) / str(step), run_dir)
     with _manager(stage_dir) as mgr:
         for step in steps:
-            mgr.delete(step)
+            if step not in linked:
+                mgr.delete(step)
 
 
 def restore_params(stage_dir: Path, like: Any, step: int | None = None) -> Any:
@@ -296,6 +301,17 @@ def restore_params(stage_dir: Path, like: Any, step: int | None = None) -> Any:
     return _restore(Path(stage_dir), step, args, "params").params
 
 
+def _resource_failure(err: BaseException) -> bool:
+    """An out-of-memory error (host or device) on the way to a restore: not the checkpoint's
+    fault, so it must not be taken for damage (a fallback would retrain and overwrite it)."""
+    chain = [err, err.__cause__, err.__context__]
+    return any(
+        isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e)
+        for e in chain
+        if e is not None
+    )
+
+
 def _restore(stage_dir: Path, step: int, args: Any, what: str) -> Any:
     """Orbax's restore of ``args`` from checkpoint ``step``, its failures as CheckpointError."""
     step_dir = stage_dir / str(step)
@@ -304,7 +320,9 @@ def _restore(stage_dir: Path, step: int, args: Any, what: str) -> Any:
     try:
         with _settled_loops(), _manager(stage_dir) as mgr:
             return mgr.restore(step, args=args)
-    except Exception as err:  # Orbax and TensorStore raise many kinds: all mean "unreadable"
+    except Exception as err:  # Orbax and TensorStore raise many kinds: "unreadable" ...
+        if _resource_failure(err):  # ... but running out of memory says nothing of the files
+            raise
         raise CheckpointError(
             f"{step_dir}: its {what} cannot be read ({_reason(err)})", step_dir
         ) from err

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import numpy as np
 import pydantic
 import yaml
 from pydantic import Field
@@ -343,6 +344,14 @@ class ProbeSpec(Strict):
     builtin: bool = True
     lm_eval: LmEvalProbes | None = None
 
+    @pydantic.model_validator(mode="after")
+    def _scores_something(self) -> ProbeSpec:
+        if not self.builtin and self.lm_eval is None:
+            raise ValueError(
+                "probes score nothing (builtin: false, no lm_eval); write probes: false"
+            )
+        return self
+
 
 class Recipe(Strict):
     name: Name
@@ -576,7 +585,8 @@ def _e_notation_hint(text: str) -> str | None:
     )
     if not value.is_integer():
         return f"{why}; this field takes a whole number, and {value:g} is not one"
-    return f"{why}; write {int(value)} (or {value:.1e})"
+    exact = np.format_float_scientific(value, trim="0", exp_digits=2)  # 1.2345678e+07
+    return f"{why}; write {int(value)} (or {exact})"
 
 
 def validate(raw: Any, *, source: str = "<recipe>", yaml_root: yaml.Node | None = None) -> Recipe:

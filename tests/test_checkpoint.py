@@ -1,5 +1,7 @@
 """Checkpoints: the parameter digest tells bits apart, frozen trees restore as saved."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,3 +45,51 @@ def test_frozen_trees_of_any_shape_and_dtype_restore_as_saved(tmp_path):
         for got, want in zip(got_leaves, want_leaves):
             assert got.dtype == want.dtype and got.shape == want.shape, name
             np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_running_out_of_memory_in_a_restore_is_not_taken_for_damage(tmp_path, monkeypatch):
+    """A restore that fails for lack of memory raises as such (no CheckpointError: a resume
+    would fall back and overwrite the good checkpoint); a failure of the files is damage."""
+    import pytest
+
+    from jaxcl import checkpoint
+
+    params, opt = {"w": jnp.ones((2, 2))}, {"mu": jnp.zeros((2, 2))}
+    checkpoint.save_checkpoint(tmp_path, 1, params, opt, {"step": 1})
+    like = checkpoint.abstract(params), checkpoint.abstract(opt)
+
+    def failing(error):
+        def restore(self, *args, **kwargs):
+            raise error
+
+        return restore
+
+    import orbax.checkpoint as ocp
+
+    manager = ocp.CheckpointManager
+    monkeypatch.setattr(manager, "restore", failing(RuntimeError("RESOURCE_EXHAUSTED: OOM")))
+    with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+        checkpoint.restore_checkpoint(tmp_path, 1, *like)
+    monkeypatch.setattr(manager, "restore", failing(ValueError("array file missing")))
+    with pytest.raises(checkpoint.CheckpointError, match="cannot be read"):
+        checkpoint.restore_checkpoint(tmp_path, 1, *like)
+
+
+def test_a_step_that_links_to_a_folder_elsewhere_goes_as_a_link(tmp_path):
+    """Saving over, or deleting, a step folder that is a link to a real checkpoint outside the
+    run removes the link only: the folder it points to keeps every file."""
+    from jaxcl import checkpoint
+
+    params, opt = {"w": jnp.ones((2, 2))}, {"mu": jnp.zeros((2, 2))}
+    elsewhere = tmp_path / "user/checkpoints/kept"
+    target = checkpoint.save_checkpoint(elsewhere, 3, params, opt, {"step": 3})
+    files = sorted(p.relative_to(target) for p in target.rglob("*"))
+    stage = tmp_path / "run/checkpoints/s"
+    stage.mkdir(parents=True)
+    (stage / "3").symlink_to(target)
+    checkpoint.save_checkpoint(stage, 3, params, opt, {"step": 3})
+    assert (stage / "3").is_dir() and not (stage / "3").is_symlink()
+    (stage / "5").symlink_to(target)
+    checkpoint.delete_steps(stage, [5])
+    assert not os.path.lexists(stage / "5")
+    assert sorted(p.relative_to(target) for p in target.rglob("*")) == files

@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 from jaxcl.data.pipeline import encode_all
@@ -74,13 +73,18 @@ def _run(recipe: Path) -> subprocess.CompletedProcess:
 
 
 def test_first_trained_is_the_shortest_row_that_keeps_a_response_token():
-    rows = encode_all(_qa(3, prompt_words=5), "instruction", TOK, None)
-    needs = first_trained(rows)
-    for row, n in zip(rows, needs):  # oracle: cut each row by hand at n and at n - 1
-        mask = row["loss_mask"]
-        assert mask[:n].sum() >= 1 and mask[: n - 1].sum() == 0
-    text = encode_all([{"text": "abc"}], "text", TOK, None)
-    assert first_trained(text) == [int(np.argmax(text[0]["loss_mask"])) + 1]
+    """Oracle: the rows encode_all itself cuts at seq_len n keep a trained token, at n - 1 none."""
+    examples = _qa(3, prompt_words=5)
+    needs = first_trained(encode_all(examples, "instruction", TOK, None))
+    for example, n in zip(examples, needs):
+        assert encode_all([example], "instruction", TOK, n)[0]["loss_mask"].sum() >= 1
+        assert encode_all([example], "instruction", TOK, n - 1)[0]["loss_mask"].sum() == 0
+    pair = {"prompt": "abcdefgh", "chosen": "x", "rejected": "yz"}
+    n = first_trained(encode_all([pair], "preference", TOK, None))[0]
+    cut = encode_all([pair], "preference", TOK, n)[0]
+    assert cut["chosen_mask"].sum() >= 1 and cut["rejected_mask"].sum() >= 1
+    shorter = encode_all([pair], "preference", TOK, n - 1)[0]
+    assert shorter["chosen_mask"].sum() == 0 or shorter["rejected_mask"].sum() == 0
 
 
 def test_a_bad_file_of_the_second_stage_stops_the_run_before_the_first_trains(tmp_path):

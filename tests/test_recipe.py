@@ -151,3 +151,16 @@ def test_environment_references_in_recipe_strings(tmp_path, monkeypatch):
     unset = r"r.yaml: a\[1\].b: environment variable JAXCL_TEST_UNSET is not set"
     with pytest.raises(RecipeError, match=unset):
         expand_env({"a": [0, {"b": "${JAXCL_TEST_UNSET}"}]}, "r.yaml")
+
+
+@pytest.mark.parametrize("text", ["1e12", "1.25e4", "12345e0", "12345678e0", "3E5"])
+def test_the_e_notation_hint_suggests_numbers_yaml_reads_as_the_same_value(text):
+    """Oracle: PyYAML itself reads both suggested spellings back as the value meant."""
+    import yaml
+
+    from jaxcl.recipe import _e_notation_hint
+
+    hint = _e_notation_hint(text)
+    plain, exact = hint.split("; write ")[1].rstrip(")").split(" (or ")
+    assert yaml.safe_load(plain) == yaml.safe_load(exact) == float(text)
+    assert isinstance(yaml.safe_load(exact), float)  # not text: YAML took it as a number

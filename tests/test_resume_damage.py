@@ -151,6 +151,25 @@ def test_removed_earlier_stage_checkpoint_retrains_from_the_stage_s_older_one(da
     assert [e["path"] for e in manifest] == _on_disk(out)
 
 
+def test_a_later_stage_trained_from_other_parameters_is_deleted_and_retrained(damaged):
+    """After cpt retrains, align's checkpoint says it started from other parameters (as on a
+    backend whose retraining is not bit-exact): it is deleted, not only passed over, so a kill
+    during align's retraining cannot leave it to pass for align's end; align retrains."""
+    out, _, expected = damaged
+    shutil.rmtree(out / "checkpoints/cpt/12")
+    meta = out / "checkpoints/align/4/manifest/metadata"
+    manifest = json.loads(meta.read_text())
+    manifest["record"]["start_params_sha256"] = "0" * 64
+    meta.write_text(json.dumps(manifest))
+    output, results = _rerun(out)
+    stale = [w for w in _warnings(output) if "trained from other parameters" in w]
+    assert len(stale) == 1 and f"{out}/checkpoints/align/4" in stale[0]
+    assert "deleted; retraining stage align" in stale[0]
+    assert _digests(results) == _digests(expected)
+    retrained = json.loads(meta.read_text())["record"]["start_params_sha256"]
+    assert retrained == results["stages"][1]["final_params_sha256"] != "0" * 64
+
+
 @pytest.mark.slow
 def test_truncated_checkpoint_manifest_of_an_earlier_stage(damaged):
     out, _, expected = damaged

@@ -106,13 +106,15 @@ def documents_and_budget(
 
 
 def first_trained(example_rows: list[dict[str, np.ndarray]]) -> list[int]:
-    """The smallest ``seq_len`` that keeps a trained token of each encoded whole example
-    (the position of its first loss-masked token, plus one; 0 when it has none)."""
+    """The smallest ``seq_len`` at which each encoded whole example keeps a trained token (0
+    when it has none). A row at ``seq_len`` L holds L + 1 tokens (the inputs and the shifted
+    targets), so a first loss-masked token at position ``f`` is kept from L = ``f`` on; a
+    preference pair needs one on both sides."""
     out = []
     for row in example_rows:
         masks = [v for k, v in row.items() if k.endswith("mask")]
-        firsts = [int(np.argmax(m)) + 1 if m.any() else 0 for m in masks]
-        out.append(min(firsts) if all(firsts) else 0)
+        firsts = [int(np.argmax(m)) if m.any() else 0 for m in masks]
+        out.append(max(firsts) if all(firsts) else 0)
     return out
 
 

@@ -170,16 +170,22 @@ def find_resume_point(ctx) -> ResumePoint | None:
 
 def descendants(ctx, stage: StageSpec, found: list[Found], digest: str) -> list[Path]:
     """Those of a stage's checkpoints ``found`` that were trained from parameters of digest
-    ``digest`` (what the previous stage ends with now); the others are named in a warning."""
+    ``digest`` (what the previous stage ends with now). The others are named in a warning and
+    deleted: left on disk, a stale final checkpoint would pass for the stage's end at the next
+    resume if this one were killed while the stage retrains."""
     keep = [f.path for f in found if f.manifest["record"].get("start_params_sha256") == digest]
-    if len(keep) < len(found):
-        stale = ", ".join(str(f.path) for f in found if f.path not in keep)
+    stale = [f.path for f in found if f.path not in keep]
+    if stale:
         warn(
             ctx.console,
-            f"stage {stage.name}: checkpoints {stale} were trained from other parameters than "
-            f"the previous stage ends with now: passed over; "
+            f"stage {stage.name}: checkpoints {', '.join(map(str, stale))} were trained from "
+            "other parameters than the previous stage ends with now: deleted; "
             + (f"resuming from {keep[0]}" if keep else f"retraining stage {stage.name}"),
         )
+        if parallel.is_primary():
+            stage_dir = stale[0].parent
+            checkpoint.delete_steps(stage_dir, [int(p.name) for p in stale], run_dir=ctx.out)
+        ctx.drop_checkpoints([str(p) for p in stale])
     return keep
 
 

@@ -189,6 +189,7 @@ def _run_stages(ctx: RunContext, point: ResumePoint) -> list[dict[str, Any]]:
     index, trusted = point.stage, point.stage  # the trusted stage's checkpoints need no check
     pending, later = {index: list(point.candidates)}, dict(point.later)
     digests: dict[int, str] = {}  # what each checked stage's checkpoints must start from
+    failed: set[str] = set()  # final checkpoints that did not restore: going back happens once
     while index < len(recipe.stages):
         stage = recipe.stages[index]
         candidates = pending.pop(index, [])
@@ -205,6 +206,9 @@ def _run_stages(ctx: RunContext, point: ResumePoint) -> list[dict[str, Any]]:
         except checkpoint.CheckpointError as err:
             if parent is None or err.path is None or Path(err.path) != Path(parent):
                 raise
+            if isinstance(err, CheckpointMismatch) or str(parent) in failed:
+                raise  # another model's checkpoint, or one this run rewrote and still fails
+            failed.add(str(parent))
             # The previous stage's final checkpoint does not restore: back to that stage.
             index -= 1
             stage, bad, start = recipe.stages[index], int(Path(parent).name), digests.get(index)

@@ -587,7 +587,9 @@ def run_stage(ctx, stage: StageSpec, params, parent: str | None, candidates=()) 
         )
         cursor.buffer = new_buffer(ctx, stage, program)
         cursor.record = {
-            "probes_before": ctx.probe(params),
+            # scored before the run's first stage only: a later stage starts from the
+            # parameters the stage before it scored as its probes_after
+            "probes_before": ctx.probe(params) if stage is ctx.recipe.stages[0] else None,
             "start_params_sha256": start_digest,
             "baseline": score(Carry(cursor.state, cursor.frozen, cursor.buffer)),
             "R": [],
