@@ -695,12 +695,20 @@ class ExampleSource(grain.sources.RandomAccessDataSource):
         """Every example, validated (the first bad record raises)."""
         return [self[i] for i in range(len(self))]
 
-    def sample(self, n: int) -> list[dict[str, Any]]:
+    def sample(self, n: int, *, skip_bad: bool = False) -> list[dict[str, Any]]:
         """The first ``min(n, len)`` examples, validated: checks a recipe's field mapping
-        against real rows before training, without reading the whole corpus."""
+        against real rows before training, without reading the whole corpus. A bad row raises
+        its :class:`BadRowError`, or with ``skip_bad`` is left out."""
         if n < 0:
             raise ValueError(f"sample: n must be >= 0, got {n}")
-        return [self[i] for i in range(min(int(n), len(self)))]
+        rows = []
+        for i in range(min(int(n), len(self))):
+            try:
+                rows.append(self[i])
+            except BadRowError:
+                if not skip_bad:
+                    raise
+        return rows
 
     def __repr__(self) -> str:
         return f"ExampleSource({type(self.reader).__name__}, kind={self.kind})"

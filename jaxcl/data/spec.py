@@ -36,7 +36,6 @@ from jaxcl.data.benchmarks import BUNDLED, generate, kind_of
 from jaxcl.data.layouts import read_lima, read_olora, read_superni, read_trace
 from jaxcl.data.sources import (
     CANONICAL,
-    BadRowError,
     ExampleSource,
     FieldMap,
     JsonArrayReader,
@@ -410,16 +409,7 @@ class DataSpec(Strict):
         :class:`BadRowError`, or with ``skip_bad`` is left out."""
         if self.bundled is not None:
             return self.load("train")[:n]
-        source = self.source.source("train")  # type: ignore[union-attr]
-        if not skip_bad:
-            return source.sample(n) if hasattr(source, "sample") else [source[i] for i in range(n)]
-        rows = []
-        for i in range(min(n, len(source))):
-            try:
-                rows.append(source[i])
-            except BadRowError:
-                continue
-        return rows
+        return self.source.source("train").sample(n, skip_bad=skip_bad)  # type: ignore[union-attr]
 
     def dataset(self, split: str) -> grain.MapDataset:
         """The examples of ``split`` as a Grain ``MapDataset`` (lazy for file sources)."""

@@ -116,15 +116,19 @@ def score_probes(
     size: int = 32,
     seq_len: int = 48,
     seed: int = 0,
+    suites: Sequence[str] = SUITES,
 ) -> dict[str, Any]:
     """Suite scores of ``params``: ``{"general": R^G, "instruction": R^I, "safety": R^S,
     "tasks": {"general/arith": ..., ...}}``, each in ``[0, 1]``.
 
-    ``scorer`` is :func:`jaxcl.eval.make_batch_scorer` of the model (the runner's
-    ``ctx.scorer``); ``put_batch`` places a batch on the mesh (the runner's ``ctx.put_batch``).
+    ``suites``: the suites to score (all by default). ``scorer`` is
+    :func:`jaxcl.eval.make_batch_scorer` of the model (the runner's ``ctx.scorer``);
+    ``put_batch`` places a batch on the mesh (the runner's ``ctx.put_batch``).
     """
     out: dict[str, Any] = {"tasks": {}}
     for suite, tasks in PROBES.items():
+        if suite not in suites:
+            continue
         scores = []
         for task in tasks:
             encoded = encode_all(

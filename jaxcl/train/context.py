@@ -23,7 +23,7 @@ from rich.console import Console
 from jaxcl import checkpoint, parallel
 from jaxcl.data.distributed import global_batch
 from jaxcl.eval import make_batch_scorer
-from jaxcl.eval.probes import lm_eval_probes, score_probes
+from jaxcl.eval.probes import SUITES, lm_eval_probes, score_probes
 from jaxcl.eval.tasks import ModelScorer
 from jaxcl.recipe import ProbeSpec, Recipe, StageSpec
 from jaxcl.train.adapters import StageModel
@@ -197,9 +197,15 @@ class StageContext:
             return None
         spec = ProbeSpec() if spec is True else spec
         out: dict[str, Any] = {"tasks": {}}
-        if spec.builtin:
+        replaced = spec.lm_eval.suites() if spec.lm_eval is not None else {}
+        builtin = [suite for suite in SUITES if suite not in replaced]
+        if spec.builtin and builtin:  # the suites lm-eval does not score
             out = score_probes(
-                self.model_scorer.batch, params, self.tokenizer, put_batch=self.put_batch
+                self.model_scorer.batch,
+                params,
+                self.tokenizer,
+                put_batch=self.put_batch,
+                suites=builtin,
             )
         if spec.lm_eval is not None:
             plain = self.model.export(params)  # a LoRA stage's adapters folded in

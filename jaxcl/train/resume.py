@@ -252,13 +252,12 @@ def rewrite_metrics_log(ctx, finished: list[dict[str, Any]]) -> None:
             f"{path}: line {shown} is torn or not a log entry: dropped (the log is rewritten "
             "from the checkpoints' records)",
         )
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(e) + "\n" for r in finished for e in r["losses"]))
-    tmp.replace(path)
+    trim_metrics_log(ctx, finished)
 
 
 def trim_metrics_log(ctx, stages: list[dict[str, Any]]) -> None:
-    """Back to the results of ``stages`` (a stage about to retrain): the log keeps their lines."""
+    """``metrics.jsonl`` := the logged lines of ``stages`` (atomically): what a resume starts
+    from, or what is left when a stage goes back to retrain."""
     if parallel.is_primary():
         tmp = ctx.out / "metrics.tmp"
         tmp.write_text("".join(json.dumps(e) + "\n" for r in stages for e in r["losses"]))
