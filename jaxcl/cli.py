@@ -35,6 +35,9 @@ EXAMPLES = {
     "convert": """examples:
   jaxcl convert /path/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/smollm2-hf
   jaxcl convert /tmp/smollm2-hf /tmp/smollm2.gguf --dtype float32""",
+    "merge": """examples:
+  jaxcl merge merge.yaml              # the config: docs/methods.md, "jaxcl merge"
+  jaxcl merge merge.yaml --overwrite  # replace an existing output folder""",
     "bench": """examples:
   jaxcl bench --preset tiny --batch 8 --seq 256
   jaxcl bench --preset tiny --method ewc --method agem
@@ -150,6 +153,17 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("src", help="HF directory, .gguf file or preset name")
     convert.add_argument("dst", help="output: a directory (HF) or a path ending in .gguf")
     convert.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+
+    merge = sub.add_parser(
+        "merge",
+        help="merge HF directories or checkpoints (linear, task arithmetic, TIES, DARE, SLERP)",
+        epilog=EXAMPLES["merge"],
+        formatter_class=fmt,
+    )
+    merge.add_argument("config", help="a merge config YAML file (method, base, models, out...)")
+    merge.add_argument(
+        "--overwrite", action="store_true", help="replace the output folder if it exists"
+    )
     return parser
 
 
@@ -294,6 +308,12 @@ def _convert(args: argparse.Namespace) -> int:
     return convert_main(args.src, args.dst, dtype=args.dtype)
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from jaxcl.merging import merge_main
+
+    return merge_main(args.config, overwrite=args.overwrite)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
@@ -314,6 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "bench": _bench,
         "convert": _convert,
         "eval": _eval,
+        "merge": _merge,
     }
     try:
         return handlers[args.command](args)

@@ -207,7 +207,13 @@ class StageSpec(Strict):
 
     @pydantic.model_validator(mode="after")
     def _objective(self) -> StageSpec:
-        check_terms(self.kind, list(self.terms), self.reference, "dpo" in self.model_fields_set)
+        check_terms(
+            self.kind,
+            list(self.terms),
+            self.reference,
+            "dpo" in self.model_fields_set,
+            self.methods,
+        )
         return self
 
     @pydantic.field_validator("optimizer")
@@ -217,7 +223,9 @@ class StageSpec(Strict):
 
     def build_objective(self, apply: Any) -> Any:
         """The stage's :class:`~jaxcl.objectives.bound.Objective` for model ``apply``."""
-        return compile_objective(self.kind, self.terms, self.reference, self.dpo, apply)
+        return compile_objective(
+            self.kind, self.terms, self.reference, self.dpo, apply, self.methods
+        )
 
     @pydantic.model_validator(mode="after")
     def _consistent(self) -> StageSpec:

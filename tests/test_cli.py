@@ -22,7 +22,9 @@ def test_methods_lists_the_catalog(capsys):
     assert list(CATALOG) == method_names()  # one line per recipe method, none missing
 
 
-@pytest.mark.parametrize("command", ["run", "eval", "methods", "report", "bench", "convert"])
+@pytest.mark.parametrize(
+    "command", ["run", "eval", "methods", "report", "bench", "convert", "merge"]
+)
 def test_every_subcommand_has_help_with_examples(command, capsys):
     with pytest.raises(SystemExit) as info:
         main([command, "--help"])

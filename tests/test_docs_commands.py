@@ -42,11 +42,10 @@ pip install ...          not run: ``.``/``.[extra]`` needs the extras in pyproje
                          package must be a dependency there or in EXTERNAL_PACKAGES
 python -m pytest ...     not run: named paths exist (and collect), ``-m`` markers are
                          registered, with no path the configured testpaths exist
-python -m jaxcl.eval.    not run (tests/test_lm_eval.py runs that command line for real, on local
-harness ..., jaxcl-lm-   tasks, offline): parsed by lm-eval's own parser; ``--model jaxcl``'s
+python -m jaxcl.eval.    not run (tests/test_lm_eval.py runs the bare command line for real, on
+harness ..., jaxcl-lm-   local tasks, offline): parsed by lm-eval's own parser; ``--model jaxcl``'s
 eval ..., lm_eval ...    model_args are JaxclLM's, with one model source, a known preset, a
-                         ``checkpoint=`` step the full recipe writes; bare ``lm_eval --model
-                         jaxcl`` FAILS (lm-eval 0.4 loads no plugins: it cannot find jaxcl)
+                         ``checkpoint=`` step the full recipe writes
 [bash] DIR/x.sh ...      not run: the script exists (executable when run directly) and passes
                          ``bash -n``; ``tpu/launch.sh``'s RECIPE [key=value ...] dry-runs as above
 srun ..., bash -c '...'  unwrapped: the inner command is checked
@@ -404,9 +403,9 @@ def exercise(cmd: Command, workspace: Workspace | None) -> None:
     if argv[0] == "pytest" or argv[:3] in (["python", "-m", "pytest"], ["python3", "-m", "pytest"]):
         return check_pytest(cmd, argv[argv.index("pytest") + 1 :])
     if argv[0] in ("lm_eval", "lm-eval", "jaxcl-lm-eval"):
-        return check_lm_eval(cmd, argv[1:], ws, bare=argv[0] != "jaxcl-lm-eval")
+        return check_lm_eval(cmd, argv[1:], ws)
     if argv[0] in ("python", "python3") and argv[1:3] == ["-m", "jaxcl.eval.harness"]:
-        return check_lm_eval(cmd, argv[3:], ws, bare=False)
+        return check_lm_eval(cmd, argv[3:], ws)
     if argv[0] in ("bash", "sh") and len(argv) > 1 and argv[1].endswith(".sh"):
         return check_script(cmd, argv[1], argv[2:], ws, direct=False)
     if argv[0].endswith(".sh") and "/" in argv[0]:
@@ -692,7 +691,7 @@ def check_pytest(cmd: Command, args: list[str]) -> None:
         cmd.fail(f"pytest --collect-only {' '.join(paths)} failed:\n{proc.stdout[-3000:]}")
 
 
-def check_lm_eval(cmd: Command, args: list[str], ws: Workspace, bare: bool) -> None:
+def check_lm_eval(cmd: Command, args: list[str], ws: Workspace) -> None:
     """lm-eval's command line: parsed, not run (tests/test_lm_eval.py runs it on local tasks)."""
     pytest.importorskip("lm_eval", reason="lm-eval is not installed (the lm-eval extra)")
     from lm_eval._cli import HarnessCLI
@@ -712,11 +711,6 @@ def check_lm_eval(cmd: Command, args: list[str], ws: Workspace, bare: bool) -> N
         cmd.fail(f"lm-eval's parser rejects it: {err.getvalue()[-1000:]}")
     if ns.command != "run" or ns.model != "jaxcl":
         return
-    if bare:
-        cmd.fail(
-            "the bare lm_eval command cannot find --model jaxcl (lm-eval 0.4 loads no plugins): "
-            "use python -m jaxcl.eval.harness or jaxcl-lm-eval"
-        )
     margs = ns.model_args or {}
     unknown = sorted(set(margs) - set(MODEL_ARGS))
     if unknown:

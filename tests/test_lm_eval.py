@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +32,11 @@ from jaxcl.data.benchmarks import generate  # noqa: E402
 from jaxcl.eval import harness_run  # noqa: E402
 from jaxcl.eval.harness import JaxclLM, ModelArgsError  # noqa: E402
 from jaxcl.eval.harness_run import run_lm_eval  # noqa: E402
+from jaxcl.eval.lm_eval_tasks import (  # noqa: E402
+    BUNDLED_TASKS,
+    instruction_task_docs,
+    write_multiple_choice_task,
+)
 from jaxcl.models import from_pretrained, save_pretrained  # noqa: E402
 from jaxcl.models.tokenizer import ByteTokenizer  # noqa: E402
 
@@ -81,38 +85,7 @@ def make_tasks(folder: Path) -> None:
     (documents of several sentences: rolling windows) and ``tiny_gen`` (capitals, generated to
     a newline)."""
     folder.mkdir()
-    rng = random.Random(0)
-    capitals = generate("cit/capitals", "eval", 16)
-    names = sorted({c["response"] for c in generate("cit/capitals", "train", 200)})
-    mc = []
-    for ex in capitals:
-        choices = [ex["response"], *rng.sample([n for n in names if n != ex["response"]], 3)]
-        rng.shuffle(choices)
-        mc.append(
-            {"query": ex["prompt"], "choices": choices, "gold": choices.index(ex["response"])}
-        )
-    opposites = sorted({ex["response"] for ex in generate("cit/antonyms", "train", 200)})
-    for ex in generate("cit/antonyms", "eval", 8):  # not trained on: about chance
-        choices = [ex["response"], *rng.sample([o for o in opposites if o != ex["response"]], 3)]
-        rng.shuffle(choices)
-        mc.append(
-            {"query": ex["prompt"], "choices": choices, "gold": choices.index(ex["response"])}
-        )
-    for ex in generate("cit/sentiment", "eval", 8):
-        choices = [" positive", " negative"]
-        mc.append(
-            {"query": ex["prompt"], "choices": choices, "gold": choices.index(ex["response"])}
-        )
-    write_jsonl(folder / "mc.jsonl", mc)
-    (folder / "tiny_mc.yaml").write_text(
-        task_yaml(
-            "tiny_mc",
-            folder / "mc.jsonl",
-            "output_type: multiple_choice\ndoc_to_text: '{{query}}'\ndoc_to_choice: '{{choices}}'\n"
-            "doc_to_target: '{{gold}}'\ntarget_delimiter: ''\n"
-            "metric_list:\n  - metric: acc\n  - metric: acc_norm\n",
-        )
-    )
+    write_multiple_choice_task(folder, "tiny_mc", instruction_task_docs(16, 8, 8))
     sentences = generate("cpt/recipes", "eval", 6) + generate("cpt/starlog", "eval", 6)
     docs = [{"text": " ".join(s["text"] for s in sentences[i : i + 2])} for i in range(0, 12, 2)]
     write_jsonl(folder / "text.jsonl", docs)
@@ -125,10 +98,9 @@ def make_tasks(folder: Path) -> None:
             "  - metric: bits_per_byte\n",
         )
     )
-    write_jsonl(
-        folder / "gen.jsonl",
-        [{"prompt": ex["prompt"], "answer": ex["response"]} for ex in capitals[:10]],
-    )
+    capitals = generate("cit/capitals", "eval", 10)
+    gen = [{"prompt": ex["prompt"], "answer": ex["response"]} for ex in capitals]
+    write_jsonl(folder / "gen.jsonl", gen)
     (folder / "tiny_gen.yaml").write_text(
         task_yaml(
             "tiny_gen",
@@ -456,14 +428,15 @@ def test_on_a_mesh_the_scores_do_not_change():
 
 
 @pytest.mark.slow
-def test_command_line_runs_offline(setup, mc, tmp_path):
-    """``python -m jaxcl.eval.harness --model jaxcl ...``: lm-eval's command line with jaxcl
-    registered, offline, in a fresh process; its results file holds the in-process accuracy."""
+def test_bare_lm_eval_command_runs_offline(setup, mc, tmp_path):
+    """lm-eval's own ``lm_eval --model jaxcl ...`` (jaxcl registered by the start-up hook the
+    install puts in site-packages), offline, in a fresh process; its results file holds the
+    in-process accuracy."""
     out = tmp_path / "results"
+    lm_eval_script = Path(sys.executable).with_name("lm_eval")
+    assert lm_eval_script.exists(), f"lm-eval's console script is not beside {sys.executable}"
     command = [
-        sys.executable,
-        "-m",
-        "jaxcl.eval.harness",
+        str(lm_eval_script),
         "--model",
         "jaxcl",
         "--model_args",
@@ -507,6 +480,43 @@ def test_registered_as_jaxcl_with_a_console_script():
     assert jaxcl.eval.run_lm_eval is run_lm_eval and jaxcl.eval.JaxclLM is JaxclLM
 
 
+def test_start_up_hook_registers_jaxcl_lazily_in_a_fresh_process():
+    """The site-packages hook: importing lm-eval's models registers ``jaxcl`` beside ``hf``
+    as a placeholder, without importing JAX; asking for it imports jaxcl's adapter."""
+    code = (
+        "import sys, lm_eval.models\n"
+        "from lm_eval.api.registry import model_registry, get_model\n"
+        "assert 'hf' in model_registry and 'jaxcl' in model_registry, list(model_registry)\n"
+        "assert 'jax' not in sys.modules, 'jax imported at start-up'\n"
+        "assert get_model('jaxcl').__module__ == 'jaxcl.eval.harness'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_bundled_tasks_are_the_probe_items_as_multiple_choice():
+    """Every bundled document: distinct choices, the gold one the probe item's correct
+    continuation (or the bundled task's reference), each probe prompt once."""
+    from jaxcl.eval.probes import PROBES, probe_items
+
+    for suite in PROBES:
+        docs = BUNDLED_TASKS[f"jaxcl_{suite}_mc"]()
+        items = [it for task in PROBES[suite] for it in probe_items(suite, task, 64)]
+        correct = {it["prompt"]: it["chosen"] for it in items}
+        assert [d["query"] for d in docs] == list(dict.fromkeys(d["query"] for d in docs))
+        assert {d["query"] for d in docs} == set(correct)
+        for d in docs:
+            assert len(set(d["choices"])) == len(d["choices"]) >= 2
+            assert d["choices"][d["gold"]] == correct[d["query"]]
+    references = {
+        ex["prompt"]: ex["response"]
+        for task in ("cit/capitals", "cit/antonyms", "cit/sentiment")
+        for ex in generate(task, "eval", 16)
+    }
+    for d in BUNDLED_TASKS["jaxcl_cit_mc"]():
+        assert d["choices"][d["gold"]] == references[d["query"]]
+
+
 def test_recipe_probes_and_jaxcl_eval_score_lm_eval_tasks(setup, tmp_path):
     """``probes: {lm_eval: ...}``: R^G and R^I come from lm-eval tasks before the first stage
     and after it (a LoRA stage: its adapters folded in), in results.json and report.md; the
@@ -522,7 +532,8 @@ def test_recipe_probes_and_jaxcl_eval_score_lm_eval_tasks(setup, tmp_path):
     recipe_file.write_text(
         f"name: probed\nout_dir: {tmp_path / 'out'}\nmodel: {{preset: test-micro}}\n"
         "probes:\n  builtin: false\n  lm_eval:\n"
-        f"    general: [tiny_mc]\n    instruction: [tiny_gen]\n    include_path: {tasks}\n"
+        f"    general: [tiny_mc]\n    instruction: [tiny_gen]\n    safety: [jaxcl_safety_mc]\n"
+        f"    include_path: {tasks}\n"
         "    limit: 8\n    batch_size: 4\n"
         "stages:\n  - name: cit\n    kind: instruct\n    steps_per_task: 4\n    batch_size: 4\n"
         "    seq_len: 48\n    lora: {rank: 4, alpha: 8, targets: [q, v]}\n"
@@ -531,12 +542,12 @@ def test_recipe_probes_and_jaxcl_eval_score_lm_eval_tasks(setup, tmp_path):
     )
     results = run_recipe(load_recipe(recipe_file))
     before, after = results["probes"]["scores"]
-    assert set(before) == {"general", "instruction", "tasks"}
+    assert set(before) == {"general", "instruction", "safety", "tasks"}
+    assert before["safety"] == before["tasks"]["lm_eval/jaxcl_safety_mc"]  # bundled, always found
     assert before["general"] == before["tasks"]["lm_eval/tiny_mc"]  # acc_norm, the first metric
     assert results["probes"]["delta_general"] == pytest.approx(after["general"] - before["general"])
-    assert "delta_safety" not in results["probes"]
     report = write_report(tmp_path / "out").read_text()
-    assert "| after | tiny_gen | tiny_mc |" in report
+    assert "| after | jaxcl_safety_mc | tiny_gen | tiny_mc |" in report
     final = results["stages"][0]["checkpoint"]
     scores = tmp_path / "scores.json"
     argv = ["eval", final, str(recipe_file), "--lm-eval", "tiny_mc", "--lm-eval-limit", "8"]

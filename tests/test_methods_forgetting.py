@@ -104,7 +104,12 @@ def two_tasks(methods):
     specs = _specs(methods)
     optimizer = OptimizerSpec(lr=LR, warmup_steps=0, schedule="constant", clip_norm=None)
     tx, compiled = build_chain(optimizer, 2 * STEPS, specs, STEPS)
-    step = make_train_step(OBJECTIVE.loss_fn, tx, memory_grads=compiled.needs_memory_grads)
+    step = make_train_step(
+        OBJECTIVE.loss_fn,
+        tx,
+        memory_grads=compiled.needs_memory_grads,
+        memory_per_task=compiled.memory_grads_per_task,
+    )
     view = compose_views([v for v in (m.eval_view() for m in specs) if v is not None])
     memories = [s.new_memory(seed=0, n_tasks=2) for s in specs]
     memory = next((m for m in memories if m is not None), None)
@@ -137,6 +142,8 @@ def two_tasks(methods):
         for k in range(STEPS):
             batch = stream[k]
             mem = mem_stream[k] if mem_stream is not None else unmasked(batch)
+            if compiled.memory_grads_per_task:  # GEM: one batch per earlier task (here one)
+                mem = jax.tree.map(lambda x: np.asarray(x)[None], mem)
             state, _ = step(carry.state, jax.tree.map(jnp.asarray, batch), {}, mem)
             carry = run_step_hooks(compiled.hooks, k, ctx, carry._replace(state=state))
         params = carry.state.params
@@ -161,6 +168,7 @@ METHODS = {
     "si": {"name": "si", "lam": 1.0, "damping": 0.1},
     "recadam": {"name": "recadam", "coef": 10.0, "k": 0.1, "t0": 100},
     "agem": {"name": "agem", "per_task": 64},
+    "gem": {"name": "gem", "per_task": 64},
     "ogd": {"name": "ogd", "per_task": 64, "max_directions": 64, "output": "logit"},  # GTL
     "gpm": {"name": "gpm", "threshold": 0.99},
     "packnet": {"name": "packnet", "prune": 0.5},

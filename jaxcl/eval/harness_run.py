@@ -14,6 +14,7 @@ from typing import Any
 import lm_eval
 
 from jaxcl.eval.harness import DEFAULT_BATCH_SIZE, JaxclLM
+from jaxcl.eval.lm_eval_tasks import bundled_task_dir
 from jaxcl.models.config import ModelConfig
 
 OFFLINE_ENV = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -50,12 +51,13 @@ _TASK_MANAGERS: dict[tuple, Any] = {}
 
 
 def task_manager(include_path: str | Sequence[str] | None = None, include_defaults: bool = True):
-    """lm-eval's ``TaskManager`` over its own tasks (``include_defaults``) and ``include_path``
-    (a folder of task YAMLs, or several), built once per process (indexing lm-eval's ~15,000
-    task files takes seconds)."""
+    """lm-eval's ``TaskManager`` over its own tasks (``include_defaults``), jaxcl's bundled
+    tasks (:mod:`jaxcl.eval.lm_eval_tasks`) and ``include_path`` (a folder of task YAMLs, or
+    several), built once per process (indexing lm-eval's ~15,000 task files takes seconds)."""
     from lm_eval.tasks import TaskManager
 
     paths = [include_path] if isinstance(include_path, str | Path) else list(include_path or [])
+    paths = [bundled_task_dir(), *paths]
     key = (tuple(str(Path(p).resolve()) for p in paths), include_defaults)
     if key not in _TASK_MANAGERS:
         missing = [p for p in paths if not Path(p).is_dir()]

@@ -208,11 +208,12 @@ def continuations(
     temperature: float = 0.0,
     top_k: int = 0,
     seed: int = 0,
+    top_p: float = 1.0,
 ) -> list[str]:
     """Continuations of ``prompts`` (token ids), decoded up to the first stop token (the model's
     eos ids and the tokenizer's), special tokens skipped, in batches of ``batch_size`` (the last
     one padded, so every batch compiles alike); greedy at ``temperature`` 0, else sampled (top-k
-    when ``top_k > 0``) with batch ``j`` drawing from ``seed + j``."""
+    when ``top_k > 0``, nucleus when ``top_p < 1``) with batch ``j`` drawing from ``seed + j``."""
     from flax import nnx
 
     from jaxcl.models.generate import generate
@@ -244,6 +245,7 @@ def continuations(
             pad_token_id=pad,
             temperature=temperature,
             top_k=top_k,
+            top_p=top_p,
             seed=seed + j,
         )
         for row in parallel.to_host(out)[:n].tolist():

@@ -8,11 +8,13 @@ OGD and GPM by default) and the masks behind it. Recipe methods are the ``*Spec`
 task-boundary hooks (docs/methods.md).
 """
 
+from jaxcl.methods import merge  # TIES, DARE, SLERP, soups: jaxcl.methods.merge.ties(...)
 from jaxcl.methods._tree import kernels, matches, skipped
 from jaxcl.methods.activations import activation_covariance, layer_inputs
 from jaxcl.methods.catalog import CATALOG, MethodInfo
 from jaxcl.methods.compose import Behind, Front, chain, check_order, position, state_shardings
 from jaxcl.methods.consolidate import consolidate, register_consolidator, required_estimates
+from jaxcl.methods.gem import GemSpec, GemState, gem, gem_project, solve_gem_dual
 from jaxcl.methods.gpm import GpmSpec, GpmState, gpm, gpm_expand, gpm_expand_rows
 from jaxcl.methods.hma import HmaSpec, hma_merge, hma_ratios, layer_groups
 from jaxcl.methods.importance import fisher_diagonal, mas_importance
@@ -70,6 +72,7 @@ from jaxcl.methods.softmask import (
     soft_mask,
     unit_importance,
 )
+from jaxcl.methods.ssr import SsrSpec
 from jaxcl.methods.weights import (
     AverageSpec,
     ElasticResetSpec,
@@ -86,6 +89,9 @@ from jaxcl.methods.weights import (
 __all__ = [
     "CATALOG",
     "AgemSpec",
+    "GemSpec",
+    "GemState",
+    "merge",
     "AgemState",
     "AverageSpec",
     "Behind",
@@ -119,10 +125,14 @@ __all__ = [
     "SiSpec",
     "SiState",
     "SoftMaskSpec",
+    "SsrSpec",
     "SoftMaskState",
     "TaskArithmeticSpec",
     "activation_covariance",
     "agem",
+    "gem",
+    "gem_project",
+    "solve_gem_dual",
     "average",
     "chain",
     "check_order",

@@ -66,6 +66,13 @@ CATALOG: dict[str, MethodInfo] = {
             "first order.",
         ),
         MethodInfo(
+            "gem",
+            "projection",
+            "transform",
+            "GEM: AdamW's final update projected, by GEM's dual QP solved exactly, so that it "
+            "raises no earlier task's memory loss to first order.",
+        ),
+        MethodInfo(
             "ogd",
             "projection",
             "transform",
@@ -117,6 +124,13 @@ CATALOG: dict[str, MethodInfo] = {
             "LAMOL's generated examples.",
         ),
         MethodInfo(
+            "ssr",
+            "replay",
+            "data",
+            "SSR: after each task the base model writes inputs in context, K-means keeps a "
+            "diverse subset, the latest model writes outputs; replayed later.",
+        ),
+        MethodInfo(
             "ema",
             "weight space",
             "hooks",
@@ -150,6 +164,27 @@ CATALOG: dict[str, MethodInfo] = {
             "hooks",
             "HMA: per-layer-group merge α_k θ₀ + (1 − α_k) θ, ratios learned (or fixed), at the "
             "stage end (or each task's).",
+        ),
+        MethodInfo(
+            "ties",
+            "weight space",
+            "hooks",
+            "TIES-Merging of per-task fine-tunes from the stage start: trim each τ_t to its top "
+            "density, elect signs, disjoint mean; θ_b + λ τ_m at the stage end.",
+        ),
+        MethodInfo(
+            "dare",
+            "weight space",
+            "hooks",
+            "DARE: each task vector dropped at rate p and rescaled by 1/(1 − p) (seeded), then "
+            "task arithmetic or TIES at the stage end.",
+        ),
+        MethodInfo(
+            "copr",
+            "alignment",
+            "transform",
+            "COPR: fit each pair's optimal policy softmax(log π_{t-1} + Adv/β) (+ SFT); stored "
+            "targets of earlier tasks kept as constraints, multipliers by dual ascent.",
         ),
     ]
 }

@@ -212,6 +212,12 @@ class MethodSpecBase(Strict):
         """``view(params, carry, i)``: the parameters task ``i`` is scored with (None: as is)."""
         return None
 
+    def objective_terms(self, reference: Any) -> list[Any]:
+        """Weighted terms (:class:`jaxcl.objectives.terms.Term`) it adds to the stage's
+        objective, given the stage's ``ReferenceSpec``; a stage whose methods add terms and
+        that lists no ``terms`` of its own trains those alone (no default ``lm``/``dpo``)."""
+        return []
+
     def new_memory(self, *, seed: int, n_tasks: int) -> Any:
         """The memory of finished tasks this method fills (a ReplayBuffer), or None."""
         return None
@@ -223,6 +229,13 @@ class MethodSpecBase(Strict):
     @property
     def needs_memory_grads(self) -> bool:
         """Whether the chain needs ``memory_grads`` (the gradient on a memory batch) each step."""
+        return False
+
+    @property
+    def memory_grads_per_task(self) -> bool:
+        """With :attr:`needs_memory_grads`: one memory gradient per earlier task (leaves
+        stacked ``[tasks, *leaf.shape]``, each from a batch of that task's memory) instead of
+        one on a batch of the whole memory."""
         return False
 
 

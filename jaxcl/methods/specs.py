@@ -19,14 +19,18 @@ from typing import Annotated
 import optax
 from pydantic import Field
 
+from jaxcl.methods.copr import CoprSpec
+from jaxcl.methods.gem import GemSpec
 from jaxcl.methods.gpm import GpmSpec
 from jaxcl.methods.hma import HmaSpec
 from jaxcl.methods.isolate import FreezeSpec, PackNetSpec
 from jaxcl.methods.memory import ReplaySpec
+from jaxcl.methods.merge import DareSpec, TiesSpec
 from jaxcl.methods.project import AgemSpec, OgdSpec, OLoraSpec
 from jaxcl.methods.protocol import Hook, MethodSpecBase
 from jaxcl.methods.regularize import EwcSpec, L2AnchorSpec, MasSpec, RecAdamSpec, SiSpec
 from jaxcl.methods.softmask import SoftMaskSpec
+from jaxcl.methods.ssr import SsrSpec
 from jaxcl.methods.weights import AverageSpec, ElasticResetSpec, EmaSpec, TaskArithmeticSpec
 
 METHOD_SPECS: tuple[type[MethodSpecBase], ...] = (
@@ -36,6 +40,7 @@ METHOD_SPECS: tuple[type[MethodSpecBase], ...] = (
     SiSpec,
     RecAdamSpec,
     AgemSpec,
+    GemSpec,
     OgdSpec,
     GpmSpec,
     OLoraSpec,
@@ -43,11 +48,15 @@ METHOD_SPECS: tuple[type[MethodSpecBase], ...] = (
     PackNetSpec,
     SoftMaskSpec,
     ReplaySpec,
+    SsrSpec,
     EmaSpec,
     ElasticResetSpec,
     AverageSpec,
     TaskArithmeticSpec,
     HmaSpec,
+    TiesSpec,
+    DareSpec,
+    CoprSpec,
 )
 
 MethodSpec = Annotated[
@@ -57,6 +66,7 @@ MethodSpec = Annotated[
     | SiSpec
     | RecAdamSpec
     | AgemSpec
+    | GemSpec
     | OgdSpec
     | GpmSpec
     | OLoraSpec
@@ -64,11 +74,15 @@ MethodSpec = Annotated[
     | PackNetSpec
     | SoftMaskSpec
     | ReplaySpec
+    | SsrSpec
     | EmaSpec
     | ElasticResetSpec
     | AverageSpec
     | TaskArithmeticSpec
-    | HmaSpec,
+    | HmaSpec
+    | TiesSpec
+    | DareSpec
+    | CoprSpec,
     Field(discriminator="name"),
 ]
 
@@ -89,7 +103,7 @@ CONFLICTS: dict[frozenset[str], str] = {
 
 #: weight-space methods: each replaces the stage's weights at boundaries (and its eval view
 #: assumes the weights it left), so at most one per stage
-WEIGHT_SPACE = ("ema", "elastic_reset", "average", "task_arithmetic", "hma")
+WEIGHT_SPACE = ("ema", "elastic_reset", "average", "task_arithmetic", "hma", "ties", "dare")
 CONFLICTS.update(
     {
         frozenset({a, b}): "each replaces the stage's weights at boundaries; keep one"
@@ -130,12 +144,14 @@ def validate_methods(methods: list[MethodSpecBase]) -> None:
 @dataclass(frozen=True)
 class CompiledMethods:
     """What a stage's method list compiles to: ``chain(*front, clip, base, *behind)``, the
-    methods' hooks in recipe order, and whether the step needs ``memory_grads``."""
+    methods' hooks in recipe order, and whether the step needs ``memory_grads`` (one per
+    earlier task when ``memory_grads_per_task``)."""
 
     front: list[optax.GradientTransformationExtraArgs]
     behind: list[optax.GradientTransformationExtraArgs]
     hooks: list[Hook]
     needs_memory_grads: bool
+    memory_grads_per_task: bool = False
 
 
 def compile_methods(
@@ -157,4 +173,5 @@ def compile_methods(
         behind,
         [hook for m in methods for hook in m.hooks()],
         any(m.needs_memory_grads for m in methods),
+        any(m.needs_memory_grads and m.memory_grads_per_task for m in methods),
     )

@@ -3,10 +3,13 @@
 Pure functions of log-probs and logits. "prev" is the previous policy (in a stage, the parameters
 at the start of the current task, the ``task_start`` frozen tree) or any other frozen teacher.
 
-* :func:`cppo_penalty` (CPPO, Zhang et al. 2023): per sequence
+* :func:`cppo_penalty` (CPPO, Zhang et al., ICLR 2024): per sequence
   ``w_i · (log π_θ(y_i|x_i) − log π_prev(y_i|x_i))²`` with per-sample weights ``w_i``
   (multiply by the term's weight β yourself); :func:`confidence_weights` gives CPPO-style
-  weights that retain most where the previous policy was most confident.
+  weights that retain most where the previous policy was most confident. This is CPPO's
+  knowledge-retention penalty alone, applied offline to the batch's responses: CPPO itself
+  trains PPO on rollouts scored by a reward model, with the sample-wise weights on its policy
+  and retention terms, which jaxcl does not implement (docs/methods.md, "CPPO").
 * :func:`token_kl`: the exact per-token ``KL(p ‖ q) = Σ_v p_v (log p_v − log q_v)`` between two
   token distributions given by logits; ``KL(π_θ ‖ π_prev)`` is the KL-to-previous-policy term
   (the RLHF direction), ``KL(π_prev ‖ π_θ)`` the forward one.

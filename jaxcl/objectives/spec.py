@@ -9,13 +9,16 @@ A stage's objective is a list of terms, ``L = Σ_k weight_k · L_k``, in any sta
     reference: {source: stage_start, logps: on_the_fly}   # or checkpoint: runs/x/checkpoints/cit
 
 Without ``terms`` an align stage trains DPO configured by its ``dpo:`` entry (kept for
-compatibility). Retention terms (``cppo``, ``kl``, ``distill``) compare with ``against:
-previous`` (the parameters at the start of the current task: the ``task_start`` frozen tree) or
-``reference`` (the DPO reference). See docs/alignment.md.
+compatibility), unless one of its methods adds terms of its own (``objective_terms``: COPR's
+``copr`` term), which then make the objective alone. Retention terms (``cppo``, ``kl``,
+``distill``) compare with ``against: previous`` (the parameters at the start of the current
+task: the ``task_start`` frozen tree) or ``reference`` (the DPO reference). See
+docs/alignment.md.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -158,7 +161,8 @@ class OrpoTermSpec(TermSpecBase):
 
 
 class CppoTermSpec(TermSpecBase):
-    """CPPO-style ``β (log π_θ(y|x) − log π_prev(y|x))²`` with per-sample weights; weight = β."""
+    """CPPO-style ``β (log π_θ(y|x) − log π_prev(y|x))²`` with per-sample weights; weight = β.
+    CPPO's knowledge-retention penalty alone, offline (not CPPO's PPO on rollouts)."""
 
     name: Literal["cppo"]
     against: Literal["previous", "reference"] = "previous"
@@ -249,10 +253,35 @@ def default_terms(stage_kind: str, dpo: DpoSpec) -> list[TermSpecBase]:
 
 
 def check_terms(
-    stage_kind: str, terms: list[TermSpecBase], reference: ReferenceSpec, dpo_given: bool
+    stage_kind: str,
+    terms: list[TermSpecBase],
+    reference: ReferenceSpec,
+    dpo_given: bool,
+    methods: Sequence[Any] = (),
 ) -> None:
-    """Refuse term lists that cannot train (raised as ``ValueError`` naming the field)."""
+    """Refuse term lists that cannot train (raised as ``ValueError`` naming the field);
+    ``methods`` are the stage's method specs, whose own terms (``objective_terms``) are checked
+    too."""
+    added = 0
+    for i, method in enumerate(methods):
+        for term in method.objective_terms(reference):
+            added += 1
+            if term.pairs and stage_kind != "align":
+                raise ValueError(
+                    f"methods[{i}] ({method.name}): its {term.name} term needs preference pairs; "
+                    f"a {stage_kind} stage has none (use it in an align stage)"
+                )
+            if any(t.name == term.name for t in terms):
+                raise ValueError(
+                    f"methods[{i}] ({method.name}) adds the {term.name} term itself; drop it "
+                    "from terms"
+                )
     explicit = bool(terms)
+    if added and not explicit and dpo_given:
+        raise ValueError(
+            "dpo: this stage's methods supply its objective, so dpo: would not be read; drop "
+            "it (or give a dpo term in `terms`)"
+        )
     terms = terms or default_terms(stage_kind, DpoSpec())
     if explicit and dpo_given:
         raise ValueError(
@@ -268,7 +297,7 @@ def check_terms(
                 f"terms[{i}]: the {term.name} term needs preference pairs; a {stage_kind} stage "
                 "has none (use it in an align stage)"
             )
-    if all(t.weight == 0 for t in terms):
+    if not added and all(t.weight == 0 for t in terms):
         raise ValueError("terms: every weight is 0; nothing would be trained")
     if reference.logps == "precomputed" and not any(
         isinstance(t, DpoTermSpec) and t.uses_reference() for t in terms
@@ -285,11 +314,14 @@ def compile_objective(
     reference: ReferenceSpec | None,
     dpo: DpoSpec,
     apply,
+    methods: Sequence[Any] = (),
 ) -> Objective:
-    """The stage's :class:`Objective`: its terms (or the kind's default) summed."""
+    """The stage's :class:`Objective`: its terms (or the kind's default, unless its ``methods``
+    add terms of their own) and its methods' terms, summed."""
     reference = reference or ReferenceSpec()
-    specs = list(terms) if terms else default_terms(stage_kind, dpo)
-    built = [spec.build(reference) for spec in specs]
+    added = [t for m in methods for t in m.objective_terms(reference)]
+    specs = list(terms) if terms or added else default_terms(stage_kind, dpo)
+    built = [spec.build(reference) for spec in specs] + added
     uses_ref = any(t.uses_reference() for t in specs)
     precompute = ()
     if reference.logps == "precomputed" and uses_ref:
@@ -303,5 +335,8 @@ def compile_objective(
 
 
 def stage_objective(stage: Any, apply) -> Objective:
-    """The objective of a ``StageSpec``: its ``terms`` (or its kind's default) and reference."""
-    return compile_objective(stage.kind, stage.terms, stage.reference, stage.dpo, apply)
+    """The objective of a ``StageSpec``: its ``terms`` (or its kind's default), its methods'
+    terms and its reference."""
+    return compile_objective(
+        stage.kind, stage.terms, stage.reference, stage.dpo, apply, stage.methods
+    )

@@ -12,6 +12,7 @@ batch of ``2B`` rows, chosen first). Terms:
            reference; IPO and SimPO on length-averaged log-probs (SimPO: no reference)
 ``orpo``   :func:`~jaxcl.objectives.preference.orpo_loss` on length-normalised log-probs
 ``cppo``   :func:`~jaxcl.objectives.retention.cppo_penalty` against a frozen tree, mean over rows
+           (CPPO's retention penalty, offline: not CPPO's online PPO)
 ``kl``     :func:`~jaxcl.objectives.retention.token_kl`, masked mean over target tokens
 ``distill``:func:`~jaxcl.objectives.retention.distill_kl`, masked mean over target tokens
 =========  ==============================================================================
@@ -244,7 +245,8 @@ def cppo_term(
     length_normalized: bool = False,
 ) -> Term:
     """CPPO-style ``mean_i w_i (log π_θ(y_i|x_i) − log π_prev(y_i|x_i))²`` over every row
-    (both responses of preference pairs); weight = the formula's β."""
+    (both responses of preference pairs); weight = the formula's β. CPPO's knowledge-retention
+    penalty applied offline, on the batch's responses: not CPPO's online PPO on rollouts."""
     if weighting not in ("uniform", "confidence"):
         raise ValueError(f"cppo: unknown weighting {weighting!r}; valid: uniform, confidence")
 

@@ -59,7 +59,7 @@ from jaxcl.train.guards import (  # noqa: F401  (TrainingDiverged, TrainingStall
 )
 from jaxcl.train.monitor import Throughput, event_writer, progress_bar, throughput
 from jaxcl.train.optim import build_chain, task_schedule
-from jaxcl.train.step import TrainState, make_train_step, state_shardings_for
+from jaxcl.train.step import TrainState, make_train_step, per_task_sharding, state_shardings_for
 
 
 @dataclass
@@ -85,6 +85,7 @@ class StageProgram:
     objective: Any
     step_fn: Any
     memory_grads: bool
+    memory_per_task: bool  # one memory batch (and gradient) per earlier task: GEM
     shardings: Any
     model: Any  # jaxcl.train.adapters.StageModel: which parameters the step trains
     hooks: list[Hook]
@@ -127,6 +128,7 @@ def compile_stage(
         batch_sharding=ctx.batch_sharding,
         frozen_shardings={name: ctx.param_shardings for name in objective.frozen},
         memory_grads=compiled.needs_memory_grads,
+        memory_per_task=compiled.memory_grads_per_task,
         accum_steps=stage.grad_accum,
         partition=(model.split, model.join) if model.lora is not None else None,
     )
@@ -142,6 +144,7 @@ def compile_stage(
         objective,
         step_fn,
         compiled.needs_memory_grads,
+        compiled.memory_grads_per_task,
         shardings,
         model,
         hooks,
@@ -166,12 +169,24 @@ def new_buffer(ctx, stage: StageSpec, program: StageProgram) -> ReplayBuffer | N
 
 
 def _generate_tool(ctx, stage: StageSpec) -> Any:
-    """``generate(params, prompts, *, max_new_tokens, temperature=1.0, top_k=0, seed=0)``:
-    continuations of text prompts by the stage's model (for pseudo-replay and other hooks)."""
+    """``generate(params, prompts, *, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
+    seed=0, max_prompt_tokens=None)``: continuations of text prompts by the stage's model (for
+    pseudo-replay, SSR and other hooks); prompts are cut from the left to ``max_prompt_tokens``
+    (default: the stage's ``seq_len``)."""
     bos, _, _ = special_ids(ctx.tokenizer)
     head = [bos] if bos is not None else []
 
-    def generate(params, prompts, *, max_new_tokens, temperature=1.0, top_k=0, seed=0):
+    def generate(
+        params,
+        prompts,
+        *,
+        max_new_tokens,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        seed=0,
+        max_prompt_tokens=None,
+    ):
         ids = [head + row for row in token_ids(ctx.tokenizer, list(prompts))]
         return continuations(
             ctx.graphdef,
@@ -180,9 +195,10 @@ def _generate_tool(ctx, stage: StageSpec) -> Any:
             ids,
             max_new_tokens=max_new_tokens,
             batch_size=stage.eval_batch_size,
-            seq_len=stage.seq_len,
+            seq_len=stage.seq_len if max_prompt_tokens is None else max_prompt_tokens,
             temperature=temperature,
             top_k=top_k,
+            top_p=top_p,
             seed=seed,
         )
 
@@ -289,7 +305,8 @@ class StageRun:
 
     def streams(self, t: int, first: int):
         """Task ``t``'s batches from step ``first`` (the memory mixed in) and, for A-GEM, its
-        memory batches. A resumed task's stream continues from the state its checkpoint saved."""
+        memory batches (for GEM, a stream per earlier task). A resumed task's stream continues
+        from the state its checkpoint saved."""
         stage, buffer, program = self.stage, self.cursor.buffer, self.program
         task = self.tasks[t]
         pool = self.annotate(buffer.examples() if buffer is not None else [])
@@ -309,13 +326,30 @@ class StageRun:
                 stream.next_batch()
         memory = None
         if program.memory_grads and pool:
-            memory = batched_stream(
-                pool,
-                batch_size=stage.batch_size,
-                num_batches=task.budget.steps,
-                seed=self.seed(t) + 500_009,
-            )
+            pools = [pool]
+            if program.memory_per_task:
+                pools = [self.annotate(buffer.examples(name)) for name in buffer.tasks]
+            memory = [
+                batched_stream(
+                    examples,
+                    batch_size=stage.batch_size,
+                    num_batches=task.budget.steps,
+                    seed=self.seed(t) + 500_009 + i,
+                )
+                for i, examples in enumerate(pools)
+            ]
         return stream, memory
+
+    def memory_batch(self, memory, k: int, rows: dict[str, np.ndarray]) -> Any:
+        """Step ``k``'s memory batch on the mesh: the whole memory's, or (GEM) one per earlier
+        task stacked ``[tasks, batch, ...]``. Before any memory exists, the batch with every
+        token masked out stands in: its gradient is zero, so a projection against it changes
+        nothing."""
+        parts = [m[k] for m in memory] if memory is not None else [unmasked(rows)]
+        if not self.program.memory_per_task:
+            return self.ctx.put_batch(parts[0])
+        stacked = {key: np.stack([p[key] for p in parts]) for key in parts[0]}
+        return parallel.put_global(stacked, per_task_sharding(self.ctx.batch_sharding))
 
     def train_task(self, t: int, first: int, progress, bar) -> None:
         """Steps ``first..S_t-1`` of task ``t`` (``S_t`` its budget), its task-start hooks first
@@ -335,11 +369,7 @@ class StageRun:
         for k in range(first, steps):
             rows = read_batch(self.stream, stage, task, self.parent)
             batch = self.ctx.put_rows(rows)
-            mem = None
-            if program.memory_grads:
-                # Before any memory exists, the batch with every token masked out stands in:
-                # its gradient is zero, so a projection against it changes nothing.
-                mem = self.ctx.put_batch(memory[k] if memory is not None else unmasked(rows))
+            mem = self.memory_batch(memory, k, rows) if program.memory_grads else None
             cursor.state, metrics = program.step_fn(cursor.state, batch, self.step_frozen, mem)
             if stepped:
                 self.carry = run_step_hooks(program.hooks, k, ctx, self.carry)

@@ -43,6 +43,7 @@ def make_train_step(
     batch_sharding: Any = None,
     frozen_shardings: Any = None,
     memory_grads: bool = False,
+    memory_per_task: bool = False,
     accum_steps: int = 1,
     partition: tuple[Callable, Callable] | None = None,
 ):
@@ -55,7 +56,10 @@ def make_train_step(
     ``frozen`` is the dict of non-trained parameter trees the objective reads (see
     :mod:`jaxcl.objectives.bound`). With ``memory_grads=True`` the gradient of the objective on
     the ``memory`` batch (examples of earlier tasks) reaches the chain as the extra argument
-    ``memory_grads`` (A-GEM); otherwise ``memory`` is ignored and may be ``None``.
+    ``memory_grads`` (A-GEM); with ``memory_per_task`` too, ``memory`` holds one batch per
+    earlier task (leaves ``[tasks, batch, ...]``) and ``memory_grads`` one gradient per task
+    (leaves ``[tasks, *param.shape]``, a ``lax.map``: one task's activations live at a time;
+    GEM); otherwise ``memory`` is ignored and may be ``None``.
     With ``accum_steps > 1`` the batch is split into that many micro-batches whose gradients and
     metrics are averaged (each micro-batch's loss is its own mean, as in most LLM trainers).
     Metrics include the objective's, and the global gradient norm.
@@ -91,7 +95,11 @@ def make_train_step(
     def step(state: TrainState, batch: Batch, frozen: dict, memory: Batch | None):
         metrics, grads = grad_fn(state.params, batch, frozen)
         extra = {}
-        if memory_grads:
+        if memory_grads and memory_per_task:
+            extra["memory_grads"] = jax.lax.map(
+                lambda one: grad_fn(state.params, one, frozen)[1], memory
+            )
+        elif memory_grads:
             extra["memory_grads"] = grad_fn(state.params, memory, frozen)[1]
         trainable, fixed = split(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, trainable, **extra)
@@ -101,13 +109,23 @@ def make_train_step(
 
     if state_shardings is None:
         return jax.jit(step, donate_argnums=0)
-    memory_sharding = batch_sharding if memory_grads else None
+    memory_sharding = None
+    if memory_grads:
+        memory_sharding = per_task_sharding(batch_sharding) if memory_per_task else batch_sharding
     return jax.jit(
         step,
         in_shardings=(state_shardings, batch_sharding, frozen_shardings, memory_sharding),
         out_shardings=(state_shardings, state_shardings.step),  # metrics: replicated
         donate_argnums=0,
     )
+
+
+def per_task_sharding(batch_sharding: Any) -> Any:
+    """A batch sharding with an unsharded leading task axis (``[tasks, batch, ...]``)."""
+    if batch_sharding is None:
+        return None
+    spec = jax.sharding.PartitionSpec(None, *batch_sharding.spec)
+    return jax.sharding.NamedSharding(batch_sharding.mesh, spec)
 
 
 def state_shardings_for(
