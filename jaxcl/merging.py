@@ -194,19 +194,10 @@ def validate_config(
 
 def load_config(path: str | Path) -> MergeConfig:
     """Safe-load (a key given twice refused) and validate a merge config file."""
-    from jaxcl.recipe import check_duplicate_keys
+    from jaxcl.recipe import read_yaml
 
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise MergeError(f"cannot read merge config {path}: {err.strerror}") from None
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        check_duplicate_keys(root, str(path))
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise MergeError(f"{path}: not valid YAML: {err}") from None
+    raw, root = read_yaml(path, what="merge config", error=MergeError)
     return validate_config(raw, str(path), root)
 
 

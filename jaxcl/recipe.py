@@ -613,19 +613,27 @@ def validate(raw: Any, *, source: str = "<recipe>", yaml_root: yaml.Node | None 
         raise RecipeError("invalid recipe\n  " + "\n  ".join(lines)) from None
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Safe-load ``path``, apply ``overrides`` and validate."""
-    path = Path(path)
+def read_yaml(
+    path: Path, *, what: str, error: type[Exception] = ValueError
+) -> tuple[Any, yaml.Node | None]:
+    """Safe-load the YAML file ``path`` (a key given twice refused): ``(data, node tree)``, the
+    node tree for error lines. Unreadable files and bad YAML raise ``error`` naming the file."""
     try:
         text = path.read_text()
     except OSError as err:
-        raise RecipeError(f"cannot read recipe {path}: {err.strerror}") from None
+        raise error(f"cannot read {what} {path}: {err.strerror}") from None
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         check_duplicate_keys(root, str(path))
-        raw = yaml.safe_load(text)
+        return yaml.safe_load(text), root
     except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+        raise error(f"{path}: not valid YAML: {err}") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Safe-load ``path``, apply ``overrides`` and validate."""
+    path = Path(path)
+    raw, root = read_yaml(path, what="recipe", error=RecipeError)
     if isinstance(raw, dict):
         raw = apply_overrides(raw, overrides or [])
         raw = expand_env(raw, str(path))

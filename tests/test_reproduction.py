@@ -280,3 +280,31 @@ def test_ckl_periods_with_lora_and_replay(tmp_path):
     _changed_only(
         recipe.variant("lora"), lambda k: k[-2] in ("attn", "mlp") and k[-1] in projections
     )
+
+
+# ----------------------------------------------------------------------------- SmolLM2 on a CPU
+
+
+def test_smollm2_compare_runs_every_variant_with_lm_eval_probes(tmp_path):
+    """recipes/smollm2_compare.yaml (docs/reproducing.md's five-method table) on the micro
+    stand-in: the base (SeqFT) and its replay, EWC, LwF and O-LoRA variants each train the three
+    bundled instruction tasks, and the lm-eval probe suites are scored before and after."""
+    raw = yaml.safe_load((ROOT / "recipes/smollm2_compare.yaml").read_text())
+    micro = [o for o in MICRO if not o.startswith("probes")]
+    shrink = [
+        "model.source=null",
+        "probes.lm_eval.limit=2",
+        "stages.0.seq_len=48",  # byte tokens: the sentiment prompts are longer than BPE ones
+        *(f"stages.0.tasks.{i}.data.{k}=8" for i in range(3) for k in ("train_size", "eval_size")),
+    ]
+    raw = apply_overrides(raw, [*micro, *shrink, f"out_dir={tmp_path / 'smol'}"])
+    variants = ("replay", "ewc", "lwf", "o_lora")
+    assert set(raw["compare"]) == set(variants)
+    recipe = validate(raw, source="smollm2_compare.yaml")
+    rows = run_with_variants(recipe)
+    assert [r["variant"] for r in rows] == ["base", *variants]
+    for out in (recipe.out_dir, *(recipe.variant(v).out_dir for v in variants)):
+        _check_run(_results(out), ("sentiment", "capitals", "antonyms"))
+        probes = json.loads((Path(out) / "results.json").read_text())["probes"]
+        tasks = probes["scores"][-1]["tasks"]
+        assert {"lm_eval/jaxcl_general_mc", "lm_eval/jaxcl_safety_mc"} <= set(tasks), tasks

@@ -183,8 +183,8 @@ def cluster_select(emb: np.ndarray, keep: int, clusters: int, *, seed: int = 0) 
 
 
 def random_select(n: int, keep: int, *, seed: int = 0) -> list[int]:
-    """The paper's RandSel ablation (``random_select.py``): a seeded uniform sample of ``keep``
-    of ``n`` rows (all when ``n <= keep``)."""
+    """The reference's random-selection ablation (``custom/icl_gen/random_select.py``): a seeded
+    uniform sample of ``keep`` of ``n`` rows (all when ``n <= keep``)."""
     if n <= keep:
         return list(range(n))
     return sorted(np.random.default_rng(seed).choice(n, size=keep, replace=False).tolist())

@@ -112,9 +112,9 @@ class SsrSpec(MethodSpecBase):
         description="tokens per in-context continuation (default: seq_len plus the markers)",
     )
     keep: int = Field(200, ge=1, description="synthetic instances kept per task (reference: 200)")
-    clusters: int = Field(20, ge=1, description="K-means clusters for the selection (reference: 20)")
+    clusters: int = Field(20, ge=1, description="K-means clusters to select from (reference: 20)")
     select: Literal["kmeans", "random"] = Field(
-        "kmeans", description="kmeans (SSR) or random (the paper's RandSel ablation)"
+        "kmeans", description="kmeans (SSR) or random (a seeded uniform sample: an ablation)"
     )
     definition: dict[str, str] = Field(
         {}, description="a task definition heading the in-context prompt, per task name"
