@@ -247,6 +247,12 @@ class StageSpec(Strict):
             raise ValueError(f"task names must be unique within a stage, got {names}")
         validate_methods(self.methods)
         for i, method in enumerate(self.methods):
+            kinds = method.stage_kinds
+            if kinds is not None and self.kind not in kinds:
+                raise ValueError(
+                    f"methods[{i}] ({method.name}): serves stages of kind {' or '.join(kinds)}, "
+                    f"this stage is {self.kind}"
+                )
             try:
                 method.check_stage(n_tasks=len(self.tasks), lora=self.lora)
             except ValueError as err:

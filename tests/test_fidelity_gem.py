@@ -61,8 +61,17 @@ def test_dual_solution_equals_scipy_nnls_and_every_constraint_holds(t):
         np.testing.assert_allclose(projected, x + G.T @ want, rtol=1e-4, atol=1e-4)
         dots = G @ projected
         assert (dots >= -1e-4 * np.linalg.norm(G, axis=1) * np.linalg.norm(projected)).all()
-        # the projection is the closest such vector: no feasible point of scipy's is nearer
-        assert np.linalg.norm(projected - x) <= np.linalg.norm(G.T @ want) * (1 + 1e-4)
+        # the primal problem solved independently (SLSQP on min ‖x̃ − x‖² s.t. G x̃ ≥ 0): the same x̃
+        primal = scipy_optimize.minimize(
+            lambda z: 0.5 * np.sum((z - x) ** 2),
+            x,
+            jac=lambda z: z - x,
+            constraints=[{"type": "ineq", "fun": lambda z: G @ z, "jac": lambda z: G}],
+            method="SLSQP",
+            options={"ftol": 1e-12, "maxiter": 500},
+        )
+        assert primal.success, primal.message
+        np.testing.assert_allclose(projected, primal.x, rtol=1e-3, atol=1e-3)
 
 
 def test_margin_form_equals_a_bounded_scipy_solve():
@@ -122,6 +131,15 @@ def test_update_form_keeps_the_adamw_update_off_every_memory_gradient():
         dots = _flat(mem, 3) @ _flat(u)
         assert (dots <= 1e-6 * np.abs(_flat(u)).sum()).all(), dots
         params = optax.apply_updates(params, u)
+
+
+def test_a_margin_behind_adamw_is_refused():
+    """γ·g_k is a raw gradient: behind AdamW (project: update) it would skip the learning rate."""
+    with pytest.raises(ValueError, match="project='gradient'"):
+        methods.gem(0.5)
+    with pytest.raises(ValueError, match="margin > 0 needs project: gradient"):
+        GemSpec(name="gem", margin=0.5)
+    assert GemSpec(name="gem", margin=0.5, project="gradient").margin == 0.5
 
 
 def test_stage_limits_and_spec():

@@ -59,7 +59,6 @@ try:
     import lm_eval.models  # noqa: F401  lm-eval's own model table (read only while the registry is empty)
     from lm_eval import utils as lm_utils
     from lm_eval.api.model import TemplateLM
-    from lm_eval.api.registry import model_registry
     from lm_eval.models.utils import (
         handle_stop_sequences,
         normalize_gen_kwargs,
@@ -474,8 +473,9 @@ def register() -> None:
     """Register :class:`JaxclLM` as lm-eval's model ``jaxcl`` (done on import). By import path,
     so that ``python -m jaxcl.eval.harness`` (this module as ``__main__``) resolves it to this
     module's class and a second import registers nothing new."""
-    if "jaxcl" not in model_registry:
-        model_registry.register("jaxcl", target="jaxcl.eval.harness:JaxclLM")
+    from jaxcl._lm_eval_hook import register_jaxcl
+
+    register_jaxcl()
 
 
 register()

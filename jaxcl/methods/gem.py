@@ -17,7 +17,8 @@ projection ``g − (g·g_1 / g_1·g_1) g_1`` when ``g·g_1 < 0``.
 
 ``margin`` is the paper's γ ("adding a small constant γ ≥ 0 to v* biased the gradient projection
 to updates that favoured beneficial backwards transfer"): ``v ≥ γ`` (the reference code's
-``memory_strength``, 0.5 in its scripts; 0 here, the paper's equations). As in the reference
+``memory_strength``, 0.5 in its scripts; 0 here, the paper's equations), with
+``project="gradient"`` only: γ·g_k is a multiple of raw gradients. As in the reference
 code, ``g`` is projected only when some ``<g, g_k> < 0``.
 """
 
@@ -30,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from jaxcl.data.replay import ReplayBuffer
 from jaxcl.methods.compose import Behind, Front, Position
@@ -120,6 +121,12 @@ def gem(margin: float = 0.0, *, project: Projected = "update") -> Front | Behind
     (``u = −η g`` under SGD) so that ``<u, g_k> ≤ 0`` for every earlier task: ``−u`` is
     projected as the gradient would be. Memory: none in the state (the trainer computes the
     ``T`` memory gradients, one backward pass each per step)."""
+    if margin > 0 and project == "update":
+        raise ValueError(
+            f"gem: margin {margin} needs project='gradient': γ adds γ·g_k, a multiple of raw "
+            "memory gradients, which behind AdamW would skip the learning rate (an update of "
+            "size γ‖g_k‖ where AdamW's is about lr)"
+        )
     sign = 1.0 if project == "gradient" else -1.0
 
     def init(params: optax.Params) -> GemState:
@@ -150,6 +157,15 @@ class GemSpec(MethodSpecBase):
 
     def place(self) -> Position:
         return _position(self.project)
+
+    @model_validator(mode="after")
+    def _margin_needs_the_gradient_form(self) -> GemSpec:
+        if self.margin > 0 and self.project == "update":
+            raise ValueError(
+                "margin > 0 needs project: gradient (γ·g_k is a raw gradient; behind AdamW it "
+                "would skip the learning rate)"
+            )
+        return self
 
     def check_stage(self, *, n_tasks: int, lora: Any) -> None:
         super().check_stage(n_tasks=n_tasks, lora=lora)

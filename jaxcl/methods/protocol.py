@@ -168,6 +168,8 @@ class MethodSpecBase(Strict):
     #: whether it merges whole weight trees (a linear merge of LoRA's A and B is not a merge of
     #: the effective weights W + A·B): refused on LoRA stages
     needs_full_weights: ClassVar[bool] = False
+    #: the stage kinds (``pretrain``, ``instruct``, ``align``) it serves; None: every kind
+    stage_kinds: ClassVar[tuple[str, ...] | None] = None
 
     def place(self) -> Position:
         """Where the transform stands (an option may move it; default: :attr:`position`)."""

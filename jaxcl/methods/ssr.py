@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import zlib
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import numpy as np
 from pydantic import Field
@@ -86,6 +86,7 @@ class SsrSpec(MethodSpecBase):
     outputs, and the pairs are replayed in later tasks (no real example is kept)."""
 
     name: Literal["ssr"]
+    stage_kinds: ClassVar[tuple[str, ...]] = ("instruct",)  # input/output instances only
     ratio: float = Field(0.2, ge=0, le=1, description="fraction of each batch replayed")
     schedule: RatioScheduleSpec | None = Field(
         None, description="the ratio over each task's steps (replaces ratio)"
