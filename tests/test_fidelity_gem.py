@@ -63,10 +63,10 @@ def test_dual_solution_equals_scipy_nnls_and_every_constraint_holds(t):
         assert (dots >= -1e-4 * np.linalg.norm(G, axis=1) * np.linalg.norm(projected)).all()
         # the primal problem solved independently (SLSQP on min ‖x̃ − x‖² s.t. G x̃ ≥ 0): the same x̃
         primal = scipy_optimize.minimize(
-            lambda z: 0.5 * np.sum((z - x) ** 2),
+            lambda z, x=x: 0.5 * np.sum((z - x) ** 2),
             x,
-            jac=lambda z: z - x,
-            constraints=[{"type": "ineq", "fun": lambda z: G @ z, "jac": lambda z: G}],
+            jac=lambda z, x=x: z - x,
+            constraints=[{"type": "ineq", "fun": lambda z, G=G: G @ z, "jac": lambda z, G=G: G}],
             method="SLSQP",
             options={"ftol": 1e-12, "maxiter": 500},
         )
