@@ -12,7 +12,8 @@
 * **Streaming**: :class:`Streamer` reads one tensor from every input, places it, merges it with
   :func:`jaxcl.methods.merge.merge_leaf` (jitted: on a mesh it runs on the sharded arrays, and
   every method gives the unsharded result) and gathers the merged tensor to the host only to
-  write it; :func:`write_hf` and :func:`write_checkpoint` write the outputs.
+  write it; :func:`write_hf` and :func:`write_checkpoint` write the outputs. TIES' whole-vector
+  trim first finds each model's cut in one streamed pass (:func:`model_cuts`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcl.methods.merge import NEEDS_BASE, merge_leaf, path_str
+from jaxcl.methods.merge import NEEDS_BASE, Cut, host_cut, merge_leaf, path_str
 from jaxcl.models import hf
 from jaxcl.models.config import PRESETS, ModelConfig, to_hf_config
 
@@ -426,6 +427,8 @@ class Streamer:
     base: Any
     models: Sequence[Any]
     placement: Placement
+    #: TIES with ``scope: model``: each model's cut of its whole task vector
+    cuts: list[Cut] | None = None
 
     def merged(self, e: Entry) -> np.ndarray:
         cfg, put = self.cfg, self.placement.put
@@ -439,13 +442,60 @@ class Streamer:
             weights=[m.weight for m in cfg.models],
             path=e.key,
             seed=cfg.seed,
-            **self.params,
+            cuts=self.cuts,
+            **{k: v for k, v in self.params.items() if k != "scope"},
         )
         del b, leaves  # one tensor per input on the devices
         array = self.placement.to_host(out, e)
         if cfg.dtype:
             array = array.astype(_dtype(cfg.dtype))
         return array
+
+
+def tree_order(plan: list[Entry]) -> list[int]:
+    """The indices of ``plan`` in the per-layer parameter tree's flattened order (the order
+    TIES' whole-vector trim breaks ties in, as :func:`jaxcl.methods.merge.tree_cut` does)."""
+    nested: dict[Any, Any] = {}
+    for i, e in enumerate(plan):
+        node = nested
+        for k in e.path[:-1]:
+            node = node.setdefault(k, {})
+        node[e.path[-1]] = np.int64(i)
+    return [int(i) for i in jax.tree.leaves(nested)]
+
+
+def model_cuts(base: Any, models: Sequence[Any], plan: list[Entry], density: float) -> list[Cut]:
+    """Each model's :class:`~jaxcl.methods.merge.Cut` of its whole task vector ``θ_i − θ_b``:
+    its magnitudes streamed tensor by tensor (in ``plan``'s order, so a stacked checkpoint leaf
+    is read once) into one preallocated float32 buffer, at the offsets of the per-layer tree's
+    order, then ``np.partition`` in place for the exact k-th largest. Host memory: that buffer
+    (one model in float32) plus one tensor per input; the buffer is reused for every model."""
+    order = tree_order(plan)
+    sizes = [int(np.prod(e.shape)) for e in plan]
+    offsets, start = [0] * len(plan), 0
+    for i in order:
+        offsets[i], start = start, start + sizes[i]
+    buffer = np.empty(start, np.float32)
+
+    def tau(m: Any, e: Entry, out: np.ndarray) -> np.ndarray:
+        np.subtract(m.read(e).astype(np.float32), base.read(e).astype(np.float32), out=out)
+        return np.abs(out, out=out)
+
+    cuts = []
+    for m in models:
+        for i, e in enumerate(plan):
+            tau(m, e, buffer[offsets[i] : offsets[i] + sizes[i]].reshape(e.shape))
+
+        def leaf_ties(thr: float, m: Any = m) -> list[tuple[str, int]]:
+            counts = {}  # read again in plan's order, listed in the tree's
+            for e in plan:
+                counts[e.key] = int(
+                    np.count_nonzero(tau(m, e, np.empty(e.shape, np.float32)) == thr)
+                )
+            return [(plan[i].key, counts[plan[i].key]) for i in order]
+
+        cuts.append(host_cut(buffer, density, leaf_ties))
+    return cuts
 
 
 def _shards(sizes: list[int], limit: float) -> list[list[int]]:

@@ -18,11 +18,15 @@ other shapes or other tokenizers before reading any weight, then, tensor by tens
 tensor from each input (``safetensors.safe_open``; an Orbax partial restore of that one leaf for
 a checkpoint), places it (with a ``mesh``: sharded by its parameter's logical axis names and the
 ``rules``), merges it with :func:`jaxcl.methods.merge.merge_leaf` and keeps it, gathered to the
-host, until its output shard is written. Peak host memory: one output shard (``shard_gb``, 5 GB
-by default; the whole model for ``format: checkpoint``) plus, per input, one tensor (a checkpoint
-saved with ``scan_layers``: one stacked ``[L, ...]`` tensor); per device, one tensor (its shard,
-on a mesh) per input and the merged one. Everything is written into a temporary folder beside
-``out`` and renamed to ``out`` when complete. Reading, checking, placing and writing live in
+host, until its output shard is written. TIES with ``scope: model`` (the default, the paper's)
+first reads each model's task vector once, tensor by tensor, into one float32 buffer of its
+magnitudes to find that task's threshold (:func:`jaxcl.merge_io.model_cuts`), then trims every
+tensor against it. Peak host memory: one output shard (``shard_gb``, 5 GB by default; the whole
+model for ``format: checkpoint``) plus, per input, one tensor (a checkpoint saved with
+``scan_layers``: one stacked ``[L, ...]`` tensor), and for TIES' first pass one float32 copy of
+the model; per device, one tensor (its shard, on a mesh) per input and the merged one.
+Everything is written into a temporary folder beside ``out`` and renamed to ``out`` when
+complete. Reading, checking, placing and writing live in
 :mod:`jaxcl.merge_io`.
 """
 
@@ -47,6 +51,7 @@ from jaxcl.merge_io import (
     check_shapes,
     check_tokenizers,
     entries,
+    model_cuts,
     open_input,
     write_checkpoint,
     write_hf,
@@ -84,10 +89,13 @@ class TaskArithmeticParams(Strict):
 
 
 class TiesParams(Strict):
-    density: float = Field(0.2, gt=0, le=1, description="share of each τ_i kept per tensor")
+    density: float = Field(0.2, gt=0, le=1, description="share of each τ_i kept")
     lam: float = Field(1.0, description="λ in θ_b + λ τ_m")
     normalize: bool = Field(True, description="disjoint mean (true) or sum")
     consensus: Literal["sum", "count"] = "sum"
+    scope: Literal["model", "leaf"] = Field(
+        "model", description="trim each whole τ_i (the paper's) or each tensor (mergekit's)"
+    )
 
 
 class DareParams(Strict):
@@ -229,6 +237,8 @@ def merge_sources(
         mesh = cfg.mesh.model_dump() if cfg.mesh is not None else None
         placement = Placement.build(mesh, cfg.rules, ref.config)
         stream = Streamer(cfg, params, base, models, placement)
+        if cfg.method == "ties" and params["scope"] == "model":
+            stream.cuts = model_cuts(base, models, plan, params["density"])
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         umask = os.umask(0)

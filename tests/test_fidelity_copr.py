@@ -24,7 +24,7 @@ import pytest
 
 from jaxcl.data.replay import ReplayBuffer
 from jaxcl.methods.copr import CoprSpec, CoprState, copr_constraints, memory_targets
-from jaxcl.methods.isolate import find_state
+from jaxcl.methods.isolate import find_state, replace_state
 from jaxcl.methods.protocol import Carry, Context, TaskInfo, run_hooks, run_step_hooks
 from jaxcl.objectives.copr import (
     TARGET_KEY,
@@ -291,6 +291,18 @@ def test_memory_hook_stores_the_historical_targets_of_the_policy_the_task_starte
     # each kept row is one of the task's pairs, unchanged
     for row in kept:
         assert any(all(np.array_equal(row[k], r[k]) for k in KEYS) for r in rows)
+    # the default threshold d_a: the fit to those targets under the policy that finished the
+    # task, in the state (checkpointed) and the notes
+    pol, _, _ = np_pair_logps(end, kept)
+    d = np.mean((np_log_softmax(pol) - want) ** 2)
+    state = find_state(carry.state.opt_state, CoprState)
+    np.testing.assert_allclose(state.thresholds[0], d, rtol=1e-4)
+    np.testing.assert_allclose(state.thresholds[1:], 0.0)
+    assert carry.buffer.notes["a"]["threshold"] == pytest.approx(d, rel=1e-4)
+    # during the next task, at the policy that stored them, c_a = d_a: λ_a does not move
+    nxt = run_step_hooks(spec.hooks(), 0, _ctx("b", rows, 1), carry)
+    lam = find_state(nxt.state.opt_state, CoprState).multipliers
+    np.testing.assert_allclose(lam[0], spec.lam_init, atol=1e-5)
     # without the task-start policy (no copr term in the objective) the hook refuses
     with pytest.raises(ValueError, match="copr term"):
         run_hooks(spec.hooks(), "memory", _ctx("b", rows, 1), carry._replace(frozen={}))
@@ -329,6 +341,45 @@ def test_dual_hook_is_projected_ascent_on_each_tasks_constraint():
     assert out is empty
 
 
+def test_default_thresholds_lower_a_satisfied_multiplier_to_zero_and_raise_a_violated_one():
+    """With the default thresholds (each task's stored ``d_i``), ten ascent steps against the
+    numpy dual ascent ``λ_i ← max(0, λ_i + η (c_i − d_i))``: task a fits its targets better than
+    when they were stored (``c_a < d_a``), so ``λ_a`` decays to 0; task b fits them worse, so
+    ``λ_b`` grows."""
+    spec = CoprSpec(name="copr", lam_init=0.5, dual_lr=0.5, dual_batch=6, capacity=12)
+    assert spec.threshold is None
+    params = _params(5)
+    buf = ReplayBuffer(12, seed=0)
+    cs = []
+    for name, seed, tparams in (("a", 2, _params(6)), ("b", 3, _params(7))):
+        rows = _rows(6, seed)
+        ref, _, _ = np_pair_logps(tparams, rows)
+        target = np_optimal(ref, np_advantages(2, 1.0), 0.1).astype(np.float32)
+        buf.add_task(name, [dict(r, **{TARGET_KEY: t}) for r, t in zip(rows, target)])
+        stored = buf.stored(name)
+        pol, _, _ = np_pair_logps(params, stored)
+        cs.append(np.mean((np_log_softmax(pol) - np.stack([r[TARGET_KEY] for r in stored])) ** 2))
+    d = np.asarray([cs[0] + 0.3, cs[1] - 0.2])  # a satisfied, b violated
+    tx = _chain(spec)
+    opt = tx.init(params)
+    state = find_state(opt, CoprState)
+    state = state._replace(thresholds=state.thresholds.at[:2].set(jnp.asarray(d, jnp.float32)))
+    carry = Carry(TrainState(jnp.asarray(0), params, replace_state(opt, CoprState, state)), {}, buf)
+    want = np.asarray([0.5, 0.5])
+    for k in range(10):
+        carry = run_step_hooks(spec.hooks(), k, _ctx("c", _rows(4, 9), 2), carry)
+        want = np.maximum(0.0, want + 0.5 * (np.asarray(cs) - d))  # the numpy oracle
+        lam = np.asarray(find_state(carry.state.opt_state, CoprState).multipliers)
+        np.testing.assert_allclose(lam[:2], want, rtol=1e-4, atol=1e-5)
+    assert lam[0] == 0.0 and lam[1] == pytest.approx(0.5 + 10 * 0.5 * 0.2, rel=1e-4)
+    np.testing.assert_allclose(lam[2:], 0.5)
+    # an explicit threshold overrides the stored ones (one d for every task)
+    fixed = spec.model_copy(update={"threshold": 0.0})
+    out = run_step_hooks(fixed.hooks(), 0, _ctx("c", _rows(4, 9), 2), carry)
+    got = np.asarray(find_state(out.state.opt_state, CoprState).multipliers)
+    np.testing.assert_allclose(got[:2], np.maximum(0.0, lam[:2] + 0.5 * np.asarray(cs)), rtol=1e-4)
+
+
 def test_update_is_the_lagrangian_gradient_through_the_trainers_memory_gradients():
     """The trainer differentiates the objective on the current batch and on one memory batch
     per earlier task; the transform adds Σ λ_i g_i. The result must be the θ-gradient of
@@ -352,7 +403,7 @@ def test_update_is_the_lagrangian_gradient_through_the_trainers_memory_gradients
     )
     lam = np.asarray([0.7, 1.9], np.float32)
     tx = copr_constraints(lam_init=0.0, max_tasks=4)
-    state = CoprState(jnp.zeros(4).at[:2].set(lam))
+    state = CoprState(jnp.zeros(4).at[:2].set(lam), jnp.zeros(4))
     update, same = tx.update(g, state, params, memory_grads=stacked)
     assert same is state
 
@@ -541,9 +592,10 @@ def test_copr_retains_the_first_preference_shift_better_than_dpo_and_dpo_kl(tmp_
     ``(m_2 − m_0) / (m_1 − m_0)``.
 
     Measured (2 CPU cores, about 80 s of CPU): m_0 = −0.251; dpo 3.013 -> 0.977 (drop 2.04,
-    retained 0.38); dpo + kl (weight 10) 0.937 -> 0.325 (drop 0.61, retained 0.49); copr
-    (defaults, capacity 64) 0.251 -> 0.216 (drop 0.035, retained 0.93); pref_accuracy
-    R = [[1, 0], [1, 1]] for all three.
+    retained 0.38); dpo + kl (weight 10) 0.94 -> 0.33 (drop 0.61, retained 0.48); copr
+    (defaults, capacity 64; d_i each task's own fit at its end) 0.25 -> 0.25 (drop 0.00 to two
+    decimals, retained 1.00); pref_accuracy R = [[1, 0], [1, 1]] for dpo and dpo + kl,
+    [[1, 0], [1, 0.95]] for copr.
     COPR learns the smaller margin (its target is bounded: 2r/β above the task-start policy's),
     and keeps nearly all of it."""
     from rich.console import Console

@@ -1,9 +1,9 @@
 """Model merging against independent numpy oracles of each paper's formula.
 
 * Task arithmetic (Ilharco et al., 2023): θ_b + λ Σ_i w_i (θ_i − θ_b).
-* TIES-Merging (Yadav et al., 2023): per task vector keep the top-k fraction by magnitude (per
-  tensor, as mergekit; or over the whole vector, as the paper's code), elect the sign of
-  Σ_i τ̂_i per parameter, average the entries that agree with it, θ_b + λ τ_m.
+* TIES-Merging (Yadav et al., 2023): per task vector keep the top-k fraction by magnitude (over
+  the whole vector, as the paper's code, by default; or per tensor, as mergekit), elect the sign
+  of Σ_i τ̂_i per parameter, average the entries that agree with it, θ_b + λ τ_m.
 * DARE (Yu et al., 2024): m ~ Bernoulli(p), τ̃ = (1 − m) ⊙ τ / (1 − p), then task arithmetic or
   TIES' election; the mask drawn from the documented key, reproducible, and unbiased over seeds.
 * SLERP (Shoemake, 1985): sin((1−t)Ω)/sin Ω · a + sin(tΩ)/sin Ω · b on the flattened tensor, and
@@ -35,6 +35,7 @@ import yaml
 
 from jaxcl.cli import main
 from jaxcl.methods import merge as M
+from jaxcl.methods import merge_specs as MS
 from jaxcl.methods.specs import validate_methods
 from jaxcl.methods.weights import TaskArithmeticSpec
 from tests.test_fidelity_weights import assert_close, np_problem, np_train, problem, run_stage
@@ -94,12 +95,24 @@ def np_elect_merge(taus: list[np.ndarray], w, normalize=True, consensus="sum") -
     return num / den if normalize else num
 
 
-def np_ties(base, fts, density, lam, w=None, normalize=True, consensus="sum"):
+def np_global_topk(tau: dict[str, np.ndarray], density: float) -> dict[str, np.ndarray]:
+    """The paper's trim: one flattened vector per task (leaves in sorted path order, which is
+    the per-layer tree's here), its top ⌊density·n⌋ magnitudes kept (ties: earlier entry)."""
+    keys = sorted(tau)
+    v = np_topk(np.concatenate([tau[k].ravel() for k in keys]), density)
+    parts = np.split(v, np.cumsum([tau[k].size for k in keys])[:-1])
+    return {k: p.reshape(tau[k].shape) for k, p in zip(keys, parts)}
+
+
+def np_ties(base, fts, density, lam, w=None, normalize=True, consensus="sum", scope="model"):
     w = w or [1.0] * len(fts)
+    taus = [{k: f[k] - base[k] for k in base} for f in fts]
+    if scope == "model":
+        trimmed = [np_global_topk(t, density) for t in taus]
+    else:
+        trimmed = [{k: np_topk(t[k], density) for k in t} for t in taus]
     return {
-        k: base[k]
-        + lam
-        * np_elect_merge([np_topk(f[k] - base[k], density) for f in fts], w, normalize, consensus)
+        k: base[k] + lam * np_elect_merge([t[k] for t in trimmed], w, normalize, consensus)
         for k in base
     }
 
@@ -110,10 +123,24 @@ def dare_mask(seed: int, path: str, i: int, shape, p: float) -> np.ndarray:
     return np.asarray(jax.random.bernoulli(jax.random.fold_in(key, i), 1 - p, shape))
 
 
+def np_mask(seed: int, path: str, i: int, shape, p: float) -> np.ndarray:
+    """``dare_mask`` of a leaf; a stacked ``layers/<name>`` leaf (``scan_layers``) draws layer
+    l's mask from its per-layer path ``layers/<l>/<name>``."""
+    parts = path.split("/")
+    if parts[0] != "layers" or len(parts) < 2 or parts[1].isdigit():
+        return dare_mask(seed, path, i, shape, p)
+    return np.stack(
+        [
+            dare_mask(seed, "/".join(["layers", str(n), *parts[1:]]), i, shape[1:], p)
+            for n in range(shape[0])
+        ]
+    )
+
+
 def np_dare_taus(base, fts, p, seed):
     return [
         {
-            k: np.where(dare_mask(seed, k, i, base[k].shape, p), (f[k] - base[k]) / (1 - p), 0.0)
+            k: np.where(np_mask(seed, k, i, base[k].shape, p), (f[k] - base[k]) / (1 - p), 0.0)
             for k in base
         }
         for i, f in enumerate(fts)
@@ -150,33 +177,84 @@ def test_task_arithmetic_and_linear_match_their_formulas(normalize):
     close(soup, {k: sum(wi * f[k] for wi, f in zip(w, fs)) / div for k in b})
 
 
+@pytest.mark.parametrize("scope", ["model", "leaf"])
 @pytest.mark.parametrize(
     "density,lam,consensus,weights",
     [(0.2, 1.0, "sum", None), (0.35, 1.2, "count", [1.0, 0.5, 2.0])],
 )
-def test_ties_matches_trim_elect_disjoint_mean(density, lam, consensus, weights):
+def test_ties_matches_trim_elect_disjoint_mean(density, lam, consensus, weights, scope):
     base, fts = models(1)
-    got = M.ties(base, fts, density=density, lam=lam, consensus=consensus, weights=weights)
-    close(got, np_ties(flat(base), [flat(f) for f in fts], density, lam, weights, True, consensus))
-    # the trim keeps ⌊density·n⌋ entries of each tensor
-    tau = M.task_vector(fts[0]["embed"], base["embed"])
-    assert int(jnp.sum(M.trim(tau, density) != 0)) == int(density * 35)
-
-
-def test_ties_model_scope_trims_the_whole_task_vector():
-    base, fts = models(2)
+    kw = dict(density=density, lam=lam, consensus=consensus, weights=weights)
+    got = M.ties(base, fts, **kw) if scope == "model" else M.ties(base, fts, **kw, scope="leaf")
     b, fs = flat(base), [flat(f) for f in fts]
-    keys = sorted(b)
-    sizes = [b[k].size for k in keys]
-    trimmed = []
-    for f in fs:  # the paper's code: one flattened vector per task
-        v = np_topk(np.concatenate([(f[k] - b[k]).ravel() for k in keys]), 0.3)
-        parts = np.split(v, np.cumsum(sizes)[:-1])
-        trimmed.append({k: p.reshape(b[k].shape) for k, p in zip(keys, parts)})
-    expected = {k: b[k] + np_elect_merge([t[k] for t in trimmed], [1.0] * 3) for k in b}
-    close(M.ties(base, fts, density=0.3, scope="model"), expected)
-    # ... which differs from trimming every tensor on its own
-    assert not np.allclose(flat(M.ties(base, fts, density=0.3))["embed"], expected["embed"])
+    close(got, np_ties(b, fs, density, lam, weights, True, consensus, scope))
+    if scope == "leaf":  # the trim keeps ⌊density·n⌋ entries of each tensor
+        tau = M.task_vector(fts[0]["embed"], base["embed"])
+        assert int(jnp.sum(M.trim(tau, density) != 0)) == int(density * 35)
+    else:  # ... of the whole task vector (35 + 30 + 24 entries), not of each tensor
+        tau = jax.tree.map(M.task_vector, fts[0], base)
+        assert sum(int(jnp.sum(x != 0)) for x in jax.tree.leaves(M.trim_model(tau, density))) == (
+            int(density * 89)
+        )
+        assert not np.allclose(flat(M.ties(base, fts, **kw, scope="leaf"))["embed"], got["embed"])
+
+
+def test_ties_model_scope_breaks_ties_by_leaf_then_entry():
+    """Magnitudes tied at the threshold go to the earlier leaf (per-layer tree order), then the
+    earlier entry, exactly ⌊density·n⌋ kept: the stable sort of the concatenated vector; the
+    threshold path and a host buffer's ``np.partition`` find the same cut."""
+    rng = np.random.default_rng(7)
+    vec = {
+        k: jnp.asarray(rng.choice([-2.0, -1.0, 1.0, 0.5], size=s), jnp.float32)
+        for k, s in (("a", (5, 4)), ("b", (7,)), ("c", (3, 3)))
+    }
+    for density in (0.2, 0.5, 0.9):
+        expected = np_global_topk({k: np.asarray(v) for k, v in vec.items()}, density)
+        got = flat(M.trim_model(vec, density))
+        for k in vec:
+            np.testing.assert_array_equal(got[k], expected[k], err_msg=f"{density} {k}")
+        cut = M.tree_cut(vec, density)
+        buffer = np.concatenate([np.abs(np.asarray(vec[k])).ravel() for k in sorted(vec)])
+
+        def leaf_ties(thr):
+            return [(k, int(np.sum(np.abs(np.asarray(vec[k])) == thr))) for k in sorted(vec)]
+
+        assert M.host_cut(buffer, density, leaf_ties) == cut
+    assert M.tree_cut(vec, 0.5).quotas is not None  # the partial tie path was exercised
+
+
+def _layered(rng, n_layers=3, scale=1.0):
+    layer = {"attn": {"q": (4, 6), "k": (4, 2)}, "norm": (4,)}
+    return jax.tree.map(
+        lambda s: jnp.asarray(scale * rng.normal(size=s), jnp.float32),
+        {"embed": (9, 4), "layers": {i: layer for i in range(n_layers)}, "head": (4, 9)},
+        is_leaf=lambda s: isinstance(s, tuple),
+    )
+
+
+def test_scanned_layers_merge_as_their_per_layer_tree():
+    """A ``scan_layers`` tree (stacked ``layers`` leaves) merges bit for bit as its per-layer
+    equivalent: DARE's masks keyed ``layers/<l>/...``, TIES' per-tensor trims per layer and
+    the whole-vector cut in the per-layer order; so do the recipe methods."""
+    from jaxcl.models.llama import stack_layers
+
+    rng = np.random.default_rng(8)
+    base = _layered(rng)
+    fts = [jax.tree.map(jnp.add, base, _layered(rng, scale=0.1)) for _ in range(3)]
+    merges = {
+        "ties model": lambda b, f: M.ties(b, f, density=0.3),
+        "ties leaf": lambda b, f: M.ties(b, f, density=0.3, scope="leaf"),
+        "dare ties": lambda b, f: M.dare(b, f, drop=0.5, seed=2, combine="ties"),
+        "dare linear": lambda b, f: M.dare(b, f, drop=0.5, seed=2),
+        "spec ties": MS.TiesSpec(name="ties", density=0.3).merged,
+        "spec dare": MS.DareSpec(name="dare", drop=0.5, seed=2).merged,
+    }
+    for name, merge in merges.items():
+        unrolled = stack_layers(merge(base, fts))
+        scanned = merge(stack_layers(base), [stack_layers(f) for f in fts])
+        assert jax.tree.structure(scanned) == jax.tree.structure(unrolled)
+        for x, y in zip(jax.tree.leaves(unrolled), jax.tree.leaves(scanned)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
 
 
 @pytest.mark.parametrize("combine", ["linear", "ties"])
@@ -354,6 +432,40 @@ def test_checkpoint_inputs_merge_like_their_hf_folders(hf_models, tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def test_streamed_ties_cuts_each_task_vector_as_the_tree_merge(hf_models, tmp_path):
+    """``jaxcl merge``'s TIES (``scope: model``: a first pass per task into one float32 buffer,
+    ``np.partition``, then every tensor trimmed against the task's threshold) equals
+    ``merge.ties`` bit for bit, with fine-tunes whose magnitudes tie massively at the threshold
+    (ties shared out by leaf, then entry); ``scope: leaf`` too."""
+    from jaxcl.merging import merge_sources
+    from jaxcl.models import load_params
+    from jaxcl.models.hf import save_hf
+
+    cfg, base = load_params(hf_models / "base")
+    rng = np.random.default_rng(3)
+    fts = []
+    for i in range(2):
+        step = jax.tree.map(lambda x: np.sign(rng.normal(size=x.shape)).astype(x.dtype), base)
+        fts.append(jax.tree.map(lambda x, s: x + (0.0625 * s).astype(x.dtype), base, step))
+        save_hf(cfg, fts[-1], tmp_path / f"q{i}")
+    assert M.tree_cut(fts[0], 0.3, base).quotas is not None  # some tied entries dropped
+    for scope in ("model", "leaf"):
+        out = tmp_path / scope
+        merge_sources(
+            {
+                "method": "ties",
+                "base": str(hf_models / "base"),
+                "models": [{"source": str(tmp_path / "q0")}, {"source": str(tmp_path / "q1")}],
+                "parameters": {"density": 0.3, "scope": scope},
+                "out": str(out),
+            }
+        )
+        expected = M.ties(base, fts, density=0.3, scope=scope)
+        got = load_params(out)[1]
+        for x, y in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=scope)
+
+
 def _tokenizer(folder: Path, words: list[str]) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -526,7 +638,7 @@ def _task_models(params, targets, noise, steps):
 def test_ties_recipe_method_merges_the_fine_tunes_of_one_base():
     n_tasks, steps = 3, 4
     params, targets, noise = problem(8, n_tasks, steps)
-    spec = M.TiesSpec(name="ties", density=0.4, lam=0.9)
+    spec = MS.TiesSpec(name="ties", density=0.4, lam=0.9)
     scored, after, carry = run_stage(spec, params, targets, noise, steps)
     base, thetas = _task_models(params, targets, noise, steps)
     for t in range(n_tasks):
@@ -541,7 +653,7 @@ def test_dare_recipe_method_merges_the_fine_tunes_of_one_base():
     """``combine: ties`` (``linear`` is the same drop, checked in the pure-function tests)."""
     n_tasks, steps, p, seed = 2, 3, 0.5, 4
     params, targets, noise = problem(9, n_tasks, steps)
-    spec = M.DareSpec(name="dare", drop=p, seed=seed, combine="ties", lam=0.8)
+    spec = MS.DareSpec(name="dare", drop=p, seed=seed, combine="ties", lam=0.8)
     scored, after, carry = run_stage(spec, params, targets, noise, steps)
     base, thetas = _task_models(params, targets, noise, steps)
     taus = np_dare_taus(base, thetas, p, seed)
@@ -559,10 +671,10 @@ def test_dare_recipe_method_merges_the_fine_tunes_of_one_base():
 
 def test_merge_methods_are_one_weight_space_method_and_validate_options():
     with pytest.raises(ValueError, match="conflict"):
-        validate_methods([M.TiesSpec(name="ties"), TaskArithmeticSpec(name="task_arithmetic")])
+        validate_methods([MS.TiesSpec(name="ties"), TaskArithmeticSpec(name="task_arithmetic")])
     with pytest.raises(ValueError, match="lora"):
-        M.DareSpec(name="dare").check_stage(n_tasks=2, lora=object())
+        MS.DareSpec(name="dare").check_stage(n_tasks=2, lora=object())
     for bad in ({"name": "ties", "density": 0}, {"name": "dare", "drop": 1.0}):
-        spec = M.TiesSpec if bad["name"] == "ties" else M.DareSpec
+        spec = MS.TiesSpec if bad["name"] == "ties" else MS.DareSpec
         with pytest.raises(ValueError):
             spec(**bad)

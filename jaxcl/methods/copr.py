@@ -23,6 +23,17 @@ protocol (:mod:`jaxcl.methods.protocol`):
   memory) give ``λ_i ← max(0, λ_i + η (c_i − d_i))``, written into the transform's state (so the
   multipliers are checkpointed with the optimizer state).
 
+**The thresholds** ``d_i``: by default each task's own constraint value when its targets are
+stored, ``c_i`` on all of ``R_i`` under the policy that finished task ``i`` ("do not fit the
+stored targets worse than at the end of task ``i``"), kept in the transform's state beside the
+multipliers (checkpointed) and in the memory's notes (``notes[task]["threshold"]``); so a
+constraint satisfied better than at its task's end lowers ``λ_i`` toward 0 and a worse one
+raises it. ``threshold: <float>`` sets one ``d`` for every task instead.
+
+**Gradient memory**: the trainer's per-task memory gradients (as GEM's) are stacked
+``[T, *param]``, ``T`` parameter-sized trees per step (``T`` earlier tasks, up to
+:data:`MAX_TASKS`), although :func:`copr_constraints` only needs ``Σ_i λ_i ∇J_{C_i}``.
+
 The multipliers after each task are recorded in the memory's notes (``notes[task]["lambda"]``,
 saved in the checkpoint manifest).
 """
@@ -49,7 +60,6 @@ from jaxcl.objectives.copr import (
     optimal_logps,
     rank_advantages,
 )
-from jaxcl.objectives.lm import sequence_logps
 from jaxcl.objectives.reference import annotate_reference_logps, make_pair_logps_fn
 from jaxcl.objectives.terms import REF_KEYS, Term
 
@@ -59,20 +69,26 @@ PAIR_KEYS = ("chosen_tokens", "chosen_mask", "rejected_tokens", "rejected_mask")
 
 
 class CoprState(NamedTuple):
-    """The multipliers ``λ_i`` of the earlier tasks' constraints, in memory order, ``[MAX]``."""
+    """The multipliers ``λ_i`` of the earlier tasks' constraints and their default thresholds
+    ``d_i`` (each task's constraint value when its targets were stored), in memory order,
+    ``[MAX]`` each."""
 
     multipliers: jax.Array
+    thresholds: jax.Array
 
 
 def copr_constraints(lam_init: float = 1.0, max_tasks: int = MAX_TASKS) -> Front:
     """``g ← g + Σ_i λ_i g_i`` with ``g_i`` the memory gradient of earlier task ``i`` (the extra
-    argument ``memory_grads``, leaves stacked ``[T, *leaf.shape]``) and ``λ`` this transform's
-    state (``lam_init`` for every task until :func:`dual_ascent` moves it). In front of the
-    base optimizer: the gradient of ``J_t + Σ_i λ_i J_{C_i}``."""
+    argument ``memory_grads``, leaves stacked ``[T, *leaf.shape]``: ``T`` parameter-sized trees
+    per step) and ``λ`` this transform's state (``lam_init`` for every task until
+    :func:`dual_ascent` moves it). In front of the base optimizer: the gradient of
+    ``J_t + Σ_i λ_i J_{C_i}``."""
 
     def init(params: optax.Params) -> CoprState:
         del params
-        return CoprState(jnp.full((max_tasks,), lam_init, jnp.float32))
+        return CoprState(
+            jnp.full((max_tasks,), lam_init, jnp.float32), jnp.zeros((max_tasks,), jnp.float32)
+        )
 
     def update(updates, state, params=None, *, memory_grads=None, **extra_args):
         del params, extra_args
@@ -99,6 +115,14 @@ def _stack(rows: list[dict[str, np.ndarray]], keys: tuple[str, ...]) -> dict[str
     return {k: np.stack([np.asarray(r[k]) for r in rows]) for k in keys}
 
 
+def _scored_pairs(ctx: Context, params: Any, rows: list) -> np.ndarray:
+    """Summed response log-probabilities ``[n, 2]`` (chosen, rejected) of ``rows`` under the
+    full parameter tree ``params``."""
+    pair_logps = make_pair_logps_fn(lambda p, x: ctx.apply(ctx.split(p)[0], x))
+    scored = annotate_reference_logps(pair_logps, params, rows, batch_size=min(64, len(rows)))
+    return np.asarray([[r[REF_KEYS[0]], r[REF_KEYS[1]]] for r in scored], np.float32)
+
+
 def memory_targets(
     ctx: Context, ref_params: Any, rows: list, *, beta: float, reward_range: float
 ) -> list[dict[str, np.ndarray]]:
@@ -106,28 +130,32 @@ def memory_targets(
     full parameter tree ``ref_params`` (COPR's ``π_{i−1}``)."""
     if not rows:
         return []
-    pair_logps = make_pair_logps_fn(lambda p, x: ctx.apply(ctx.split(p)[0], x))
-    scored = annotate_reference_logps(pair_logps, ref_params, rows, batch_size=min(64, len(rows)))
-    adv = rank_advantages(2, reward_range)
-    out = []
-    for row in scored:
-        ref = jnp.asarray([row[REF_KEYS[0]], row[REF_KEYS[1]]], jnp.float32)
-        target = np.asarray(optimal_logps(ref, adv, beta=beta), np.float32)
-        kept = {k: v for k, v in row.items() if k not in REF_KEYS}
-        out.append({**kept, TARGET_KEY: target})
-    return out
+    ref = jnp.asarray(_scored_pairs(ctx, ref_params, rows))
+    targets = np.asarray(optimal_logps(ref, rank_advantages(2, reward_range), beta=beta))
+    return [
+        {**{k: v for k, v in row.items() if k not in REF_KEYS}, TARGET_KEY: t.astype(np.float32)}
+        for row, t in zip(rows, targets)
+    ]
+
+
+def memory_threshold(ctx: Context, params: Any, rows: list) -> float:
+    """The constraint value ``c_i = mean_x fit_loss(π_θ, stored target)`` on all of ``rows``
+    (holding :data:`TARGET_KEY`) under the full parameter tree ``params``: the default ``d_i``,
+    measured with the policy that finished task ``i``."""
+    if not rows:
+        return 0.0
+    pol = jnp.asarray(_scored_pairs(ctx, params, rows))
+    target = jnp.asarray(np.stack([np.asarray(r[TARGET_KEY], np.float32) for r in rows]))
+    return float(jnp.mean(fit_loss(pol, target)))
 
 
 def constraint_fn(apply):
     """Jitted ``(trainable, batch) -> mean_x fit_loss(π_θ, stored target)`` on memory rows."""
+    pair_logps = make_pair_logps_fn(apply)
 
     @jax.jit
     def fn(trainable, batch):
-        tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]], axis=0)
-        mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)
-        logps = sequence_logps(apply(trainable, tokens[:, :-1]), tokens[:, 1:], mask[:, 1:])
-        half = batch["chosen_tokens"].shape[0]
-        pol = jnp.stack([logps[:half], logps[half:]], axis=-1)
+        pol = jnp.stack(pair_logps(trainable, batch), axis=-1)  # [B, 2]: chosen, rejected
         return jnp.mean(fit_loss(pol, batch[TARGET_KEY]))
 
     return fn
@@ -149,7 +177,12 @@ class CoprSpec(MethodSpecBase):
     )
     lam_init: float = Field(1.0, ge=0, description="λ_i of a task when it enters the memory")
     dual_lr: float = Field(0.1, ge=0, description="η: the multipliers' ascent step")
-    threshold: float = Field(0.0, ge=0, description="d_i: the constraint is fit_i ≤ d_i")
+    threshold: float | None = Field(
+        None,
+        ge=0,
+        description="d_i: the constraint is fit_i ≤ d_i; default (null): each task's own fit "
+        "when its targets are stored (at its end), one d for every task when set",
+    )
     dual_every: int = Field(1, ge=1, description="steps between ascent steps on the multipliers")
     dual_batch: int = Field(16, ge=1, description="memory pairs per task in each ascent step")
 
@@ -189,7 +222,9 @@ class CoprSpec(MethodSpecBase):
 
     def _remember(self, ctx: Context, carry: Carry) -> Carry:
         """Phase ``memory``: a reservoir sample of the finished task's pairs, each with its
-        target ``log P*_i`` under the policy the task started from; the multipliers so far."""
+        target ``log P*_i`` under the policy the task started from; the task's threshold
+        ``d_i`` (its fit to those targets under the policy that finished it); the multipliers
+        so far."""
         if "task_start" not in carry.frozen:
             raise ValueError(
                 "copr: the stage keeps no task-start policy (π_{t−1}); its objective must include "
@@ -205,13 +240,18 @@ class CoprSpec(MethodSpecBase):
             beta=self.beta,
             reward_range=self.reward_range,
         )
+        d = memory_threshold(ctx, carry.state.params, buf.items[t])
+        buf.notes.setdefault(task.name, {})["threshold"] = d
         state = find_state(carry.state.opt_state, CoprState)
-        if state is not None:
-            lam = np.asarray(jax.device_get(state.multipliers), np.float64)
-            for i, name in enumerate(buf.tasks[:t]):
-                note = buf.notes.setdefault(name, {}).setdefault("lambda", {})
-                note[task.name] = float(lam[i])
-        return carry
+        if state is None:
+            return carry
+        lam = np.asarray(jax.device_get(state.multipliers), np.float64)
+        for i, name in enumerate(buf.tasks[:t]):
+            note = buf.notes.setdefault(name, {}).setdefault("lambda", {})
+            note[task.name] = float(lam[i])
+        if t < state.thresholds.shape[0]:
+            state = state._replace(thresholds=state.thresholds.at[t].set(d))
+        return with_state(carry, opt_state=replace_state(carry.state.opt_state, CoprState, state))
 
     def _dual_hook(self):
         cache: dict[str, Any] = {}
@@ -237,13 +277,11 @@ class CoprSpec(MethodSpecBase):
                 )
             lam = state.multipliers
             t = len(values)
+            d = state.thresholds[:t] if self.threshold is None else self.threshold
             new = dual_ascent(
-                lam[:t],
-                jnp.asarray(values, jnp.float32),
-                lr=self.dual_lr,
-                thresholds=self.threshold,
+                lam[:t], jnp.asarray(values, jnp.float32), lr=self.dual_lr, thresholds=d
             )
-            state = CoprState(lam.at[:t].set(new))
+            state = state._replace(multipliers=lam.at[:t].set(new))
             return with_state(
                 carry, opt_state=replace_state(carry.state.opt_state, CoprState, state)
             )

@@ -30,32 +30,30 @@ parameter trees, and :mod:`jaxcl.merging` streams it over checkpoints one tensor
 The conventions (weights, ``normalize``, the sign rule ``Σ ≥ 0 → +``) follow mergekit's
 ``generalized_task_arithmetic``; the defaults follow the papers (docs/methods.md, "Weight space").
 
-Recipe methods :class:`TiesSpec` and :class:`DareSpec` merge the per-task fine-tunes of one stage
-at its end (``merge`` phase), as ``task_arithmetic`` does, keeping each task's end weights.
+TIES trims each task vector over all its entries by default (``scope: model``, the paper's): a
+:class:`Cut` (the k-th largest magnitude and how ties at it are shared out) is found once per task
+vector, then every leaf is trimmed against it (a scalar: sharded leaves stay sharded);
+``scope: leaf`` trims each tensor on its own (mergekit's). Under ``scan_layers`` a stacked
+``layers`` leaf ``[L, ...]`` is merged as its L per-layer leaves (``layers/<l>/...``): the same
+masks, trims and cuts as the per-layer tree and ``jaxcl merge``.
+
+The recipe methods ``ties`` and ``dare`` live in :mod:`jaxcl.methods.merge_specs`.
 """
 
 from __future__ import annotations
 
 import functools
 import zlib
-from collections.abc import Sequence
-from typing import Any, ClassVar, Literal
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
-from pydantic import Field
 
-from jaxcl.methods.protocol import Carry, Context, EvalView, Hook, MethodSpecBase, copy_tree
-from jaxcl.methods.weights import (
-    checked,
-    full_weights_only,
-    is_last_task,
-    replace_carry,
-    store_stage_start,
-    task_arithmetic,
-    task_vector,
-)
+from jaxcl.methods.weights import task_arithmetic, task_vector
 
 F32 = jnp.float32
 Consensus = Literal["sum", "count"]
@@ -138,8 +136,107 @@ def combine(
     return merged / divisor if normalize else merged
 
 
-def _stack(leaves: Sequence[jax.Array]) -> jax.Array:
-    return jnp.stack([jnp.asarray(x, F32) for x in leaves])
+# ----------------------------------------------------------------------------- global trim
+
+CutMode = Literal["gt", "ge", "some"]
+
+
+@dataclass(frozen=True)
+class Cut:
+    """TIES' trim of one whole task vector to its ``k = kept(n, density)`` largest magnitudes
+    (the paper's): keep ``|τ| > thr``, ``thr`` the k-th largest magnitude, and of the entries
+    equal to ``thr`` the first ``k − #{|τ| > thr}`` in the per-layer tree's flattened order
+    (earlier leaf, then earlier entry: a stable sort of the concatenated vector). ``quotas``
+    (only when some ties are dropped): per leaf path, ``(ties kept, ties)``."""
+
+    thr: float  # a traced scalar when found under a trace
+    quotas: dict[str, tuple[Any, Any]] | None = None
+
+    def at(self, path: str) -> tuple[CutMode, int]:
+        """How leaf ``path`` is cut: ``gt`` (no tie kept), ``ge`` (every tie), or ``some``
+        with the number of its ties kept."""
+        if self.quotas is None:
+            return "ge", 0
+        q, n = self.quotas.get(path, (0, 0))
+        if isinstance(q, jax.core.Tracer):
+            return "some", q
+        return ("gt", 0) if q == 0 else ("ge", 0) if q >= n else ("some", q)
+
+
+def make_cut(
+    thr: float,
+    k: int,
+    greater: int,
+    ties: int,
+    leaf_ties: Callable[[], Iterable[tuple[str, int]]],
+) -> Cut:
+    """The :class:`Cut` of a vector whose k-th largest magnitude is ``thr``, ``greater``
+    entries above it and ``ties`` equal to it; ``leaf_ties`` (called only when some ties are
+    dropped) gives ``(path, ties)`` per leaf in the per-layer tree's order."""
+    need = k - greater
+    if need >= ties:
+        return Cut(float(thr))
+    quotas = {}
+    for path, n in leaf_ties():
+        quotas[path] = (min(n, need), n)
+        need -= quotas[path][0]
+    return Cut(float(thr), quotas)
+
+
+def host_cut(
+    magnitudes: np.ndarray,
+    density: float,
+    leaf_ties: Callable[[float], Iterable[tuple[str, int]]],
+) -> Cut:
+    """The :class:`Cut` of a vector from its magnitudes (one float32 buffer, partitioned in
+    place: its order is lost; ``leaf_ties(thr)`` recounts the ties per leaf when needed)."""
+    n = magnitudes.size
+    k = kept(n, density)
+    magnitudes.partition(n - k)
+    thr = magnitudes[n - k]
+    greater = int(np.count_nonzero(magnitudes[n - k + 1 :] > thr))
+    ties = int(np.count_nonzero(magnitudes == thr))
+    return make_cut(float(thr), k, greater, ties, lambda: leaf_ties(float(thr)))
+
+
+def cut_leaf(delta: jax.Array, thr: jax.Array, mode: CutMode, quota: jax.Array) -> jax.Array:
+    """``delta`` (float32) trimmed against a :class:`Cut`'s threshold: ``|δ| > thr`` kept, and
+    the entries equal to ``thr`` all (``ge``), none (``gt``) or the first ``quota`` (``some``)."""
+    a = jnp.abs(delta)
+    if mode == "gt":
+        keep = a > thr
+    elif mode == "ge":
+        keep = a >= thr
+    else:
+        eq = (a == thr).reshape(-1)
+        first = (jnp.cumsum(eq.astype(jnp.int32)) <= quota) & eq
+        keep = (a > thr) | first.reshape(a.shape)
+    return jnp.where(keep, delta, 0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("modes", "lam", "normalize", "consensus"))
+def ties_cut_leaf(
+    base: jax.Array,
+    leaves: Sequence[jax.Array],
+    weights: jax.Array,
+    thrs: jax.Array,
+    quotas: jax.Array,
+    modes: tuple[CutMode, ...],
+    lam: float = 1.0,
+    normalize: bool = True,
+    consensus: Consensus = "sum",
+) -> jax.Array:
+    """TIES on one leaf, each ``τ_i`` trimmed by its task vector's :class:`Cut` (``thrs[i]``,
+    ``modes[i]``, ``quotas[i]``); the threshold is a scalar, so a sharded leaf stays sharded."""
+    b = base.astype(F32)
+    deltas = jnp.stack(
+        [
+            cut_leaf(task_vector(jnp.asarray(x, F32), b), thrs[i], modes[i], quotas[i])
+            for i, x in enumerate(leaves)
+        ]
+    )
+    merged = combine(deltas, weights, consensus=consensus, normalize=normalize)
+    return (b + lam * merged).astype(base.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("normalize",))
@@ -251,12 +348,14 @@ def merge_leaf(
     weights: Sequence[float] | None = None,
     path: str = "",
     seed: int = 0,
+    cuts: Sequence[Cut] | None = None,
     **params: Any,
 ) -> jax.Array:
     """One leaf of ``method``'s merge (the single place both the tree functions and the
     streaming merge of :mod:`jaxcl.merging` go through). ``params``: ``normalize``, ``lam``,
-    ``density``, ``drop``, ``consensus``, ``t`` as the method takes them; ``path`` and
-    ``seed`` key DARE's masks."""
+    ``density``, ``drop``, ``consensus``, ``scope``, ``t`` as the method takes them; ``path``
+    (per-layer: ``layers/0/attn/q``) and ``seed`` key DARE's masks; ``cuts`` (TIES, one
+    :class:`Cut` per model) trim each task vector as a whole instead of per tensor."""
     w = [1.0] * len(leaves) if weights is None else [float(x) for x in weights]
     if len(w) != len(leaves):
         raise ValueError(f"{method}: {len(leaves)} models but {len(w)} weights")
@@ -268,7 +367,25 @@ def merge_leaf(
         return task_arithmetic_leaf(
             base, leaves, w, params.get("lam", 1.0), params.get("normalize", False)
         )
+    if method == "ties" and cuts is not None:
+        modes, quotas = zip(*(c.at(path) for c in cuts))
+        return ties_cut_leaf(
+            base,
+            list(leaves),
+            jnp.asarray(w, F32),
+            jnp.asarray([c.thr for c in cuts], F32),
+            jnp.asarray(quotas, jnp.int32),
+            modes,
+            lam=params.get("lam", 1.0),
+            normalize=params.get("normalize", True),
+            consensus=params.get("consensus", "sum"),
+        )
     if method == "ties":
+        if params.get("scope", "leaf") != "leaf":
+            raise ValueError(
+                "ties: scope model trims each whole task vector: give the leaf its `cuts` "
+                "(merge.tree_cut), or merge trees with merge.ties"
+            )
         return ties_leaf(
             base,
             list(leaves),
@@ -305,7 +422,45 @@ def merge_leaf(
 def path_str(path: tuple) -> str:
     """A tree path as ``a/b/0/c`` (the key of DARE's masks; jaxcl's per-layer parameter paths
     read the same from a checkpoint, an HF directory or a stage's tree)."""
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+    return "/".join(str(_key(k)) for k in path)
+
+
+def _key(k: Any) -> Any:
+    return getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))
+
+
+def stacked(path: tuple) -> bool:
+    """Whether a leaf at ``path`` is a ``scan_layers`` leaf (``layers/attn/q``, its leading
+    axis the layers) rather than a per-layer one (``layers/0/attn/q``)."""
+    if len(path) < 2 or _key(path[0]) != "layers":
+        return False
+    sub = _key(path[1])
+    return not isinstance(sub, int) and not str(sub).isdigit()
+
+
+def layer_path(path: tuple, layer: int) -> str:
+    """The per-layer path of layer ``layer`` of the stacked leaf at ``path``."""
+    return path_str((path[0], layer, *path[1:]))
+
+
+def virtual_leaves(tree: Any) -> list[tuple[str, int, int | None]]:
+    """The leaves of ``tree`` as its per-layer tree has them, in that tree's flattened order:
+    ``(path, leaf index, layer)``, ``layer`` None for a leaf that is not stacked."""
+    flat = jax.tree_util.tree_leaves_with_path(tree)
+    out: list[tuple[str, int, int | None]] = []
+    i = 0
+    while i < len(flat):
+        if not stacked(flat[i][0]):
+            out.append((path_str(flat[i][0]), i, None))
+            i += 1
+            continue
+        j = i
+        while j < len(flat) and stacked(flat[j][0]):
+            j += 1
+        for layer in range(int(np.shape(flat[i][1])[0])):  # layer-major, as `layers/<l>/...`
+            out.extend((layer_path(flat[m][0], layer), m, layer) for m in range(i, j))
+        i = j
+    return out
 
 
 def merge_trees(
@@ -314,7 +469,9 @@ def merge_trees(
     finetuned: Sequence[optax.Params],
     **kw: Any,
 ) -> optax.Params:
-    """:func:`merge_leaf` over every leaf of the trees (all of one structure)."""
+    """:func:`merge_leaf` over every leaf of the trees (all of one structure); a stacked
+    ``layers`` leaf (``scan_layers``) is merged layer by layer with its per-layer paths, so a
+    scanned tree merges as its per-layer equivalent does."""
     trees = list(finetuned)
     if not trees:
         raise ValueError(f"{method}: no models to merge")
@@ -323,7 +480,20 @@ def merge_trees(
     def one(path, ref, *xs):
         b = ref if base is not None else None
         ms = xs if base is not None else (ref, *xs)
-        return merge_leaf(method, b, ms, path=path_str(path), **kw)
+        if not stacked(path):
+            return merge_leaf(method, b, ms, path=path_str(path), **kw)
+        return jnp.stack(
+            [
+                merge_leaf(
+                    method,
+                    None if b is None else b[layer],
+                    [m[layer] for m in ms],
+                    path=layer_path(path, layer),
+                    **kw,
+                )
+                for layer in range(ref.shape[0])
+            ]
+        )
 
     rest = trees if base is not None else trees[1:]
     return jax.tree_util.tree_map_with_path(one, first, *rest)
@@ -346,44 +516,78 @@ def ties(
     weights: Sequence[float] | None = None,
     normalize: bool = True,
     consensus: Consensus = "sum",
-    scope: Literal["leaf", "model"] = "leaf",
+    scope: Literal["model", "leaf"] = "model",
 ) -> optax.Params:
     """TIES-Merging (Yadav et al., 2023): trim, elect sign, disjoint merge, ``θ_b + λ τ_m``.
-    ``scope: leaf`` trims each tensor to ``density`` (mergekit's); ``model`` trims each task
-    vector over all its leaves at once (the paper's reference code), which holds one flattened
-    copy of a task vector in memory."""
+    ``scope: model`` (the paper's) trims each task vector over all its leaves at once
+    (:func:`tree_cut`: one float32 copy of one task's magnitudes at a time, then a scalar
+    threshold per task); ``leaf`` trims each tensor to ``density`` (mergekit's)."""
+    kw = dict(weights=weights, density=density, lam=lam, normalize=normalize, consensus=consensus)
     if scope == "leaf":
-        return merge_trees(
-            "ties",
-            base,
-            finetuned,
-            weights=weights,
-            density=density,
-            lam=lam,
-            normalize=normalize,
-            consensus=consensus,
-        )
-    trimmed = [trim_model(task_vector(_f32(f), _f32(base)), density) for f in finetuned]
-    w = jnp.asarray([1.0] * len(trimmed) if weights is None else weights, F32)
+        return merge_trees("ties", base, finetuned, **kw)
+    if scope != "model":
+        raise ValueError(f"ties: scope {scope!r}: one of 'model', 'leaf'")
+    cuts = [tree_cut(f, density, base) for f in finetuned]
+    return merge_trees("ties", base, finetuned, cuts=cuts, **kw)
 
-    def one(b, *ds):
-        merged = combine(jnp.stack(ds), w, consensus=consensus, normalize=normalize)
-        return (b.astype(F32) + lam * merged).astype(b.dtype)
 
-    return jax.tree.map(one, base, *trimmed)
+@functools.partial(jax.jit, static_argnames=("where", "k"))
+def _cut_stats(
+    leaves: list[jax.Array], bases: list[jax.Array] | None, where: tuple, k: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    mags = [jnp.abs(_tau_at(leaves, bases, i, layer)).reshape(-1) for i, layer in where]
+    flat = jnp.concatenate(mags)
+    thr = jnp.sort(flat)[flat.size - k]
+    ties = jnp.stack([jnp.sum(m == thr, dtype=jnp.int32) for m in mags])
+    return thr, jnp.sum(flat > thr, dtype=jnp.int32), ties
+
+
+def tree_cut(tree: optax.Params, density: float, base: optax.Params | None = None) -> Cut:
+    """The :class:`Cut` trimming the task vector ``tree − base`` (``tree`` itself when no base)
+    to its ``kept(P, density)`` largest magnitudes over all its leaves, ties going to the
+    earlier leaf of the per-layer tree, then the earlier entry."""
+    leaves = jax.tree.leaves(tree)
+    bases = None if base is None else jax.tree.leaves(base)
+    virtual = virtual_leaves(tree)
+    where = tuple((i, layer) for _, i, layer in virtual)
+    paths = [p for p, _, _ in virtual]
+    n = sum(
+        int(np.prod(np.shape(leaves[i])[1 if layer is not None else 0 :])) for i, layer in where
+    )
+    k = kept(n, density)
+    thr, greater, ties = _cut_stats(leaves, bases, where, k)
+    if isinstance(thr, jax.core.Tracer):  # traced (jit, eval_shape): every leaf cut "some"
+        quota = jnp.clip(k - greater - (jnp.cumsum(ties) - ties), 0, ties)
+        return Cut(thr, {p: (quota[j], ties[j]) for j, p in enumerate(paths)})
+    counts = [int(t) for t in np.asarray(ties)]
+    return make_cut(float(thr), k, int(greater), sum(counts), lambda: zip(paths, counts))
+
+
+def _tau_at(leaves: list, bases: list | None, i: int, layer: int | None) -> jax.Array:
+    x = jnp.asarray(leaves[i] if layer is None else leaves[i][layer], F32)
+    if bases is None:
+        return x
+    return task_vector(x, jnp.asarray(bases[i] if layer is None else bases[i][layer], F32))
 
 
 def trim_model(vector: optax.Params, density: float) -> optax.Params:
     """TIES' trim of a whole task vector: its ``kept(P, density)`` largest magnitudes over all
-    leaves kept (ties: the earlier leaf, then the earlier entry)."""
-    leaves, treedef = jax.tree.flatten(vector)
-    flat = jnp.concatenate([jnp.ravel(x) for x in leaves])
-    trimmed = trim(flat, density)
-    out, start = [], 0
-    for x in leaves:
-        out.append(trimmed[start : start + x.size].reshape(x.shape))
-        start += x.size
-    return jax.tree.unflatten(treedef, out)
+    leaves kept (ties: the earlier leaf of the per-layer tree, then the earlier entry), through
+    its :func:`tree_cut`."""
+    cut = tree_cut(vector, density)
+
+    def one(path, x):
+        x = jnp.asarray(x, F32)
+        if not stacked(path):
+            mode, q = cut.at(path_str(path))
+            return cut_leaf(x, jnp.float32(cut.thr), mode, jnp.int32(q))
+        rows = []
+        for layer in range(x.shape[0]):
+            mode, q = cut.at(layer_path(path, layer))
+            rows.append(cut_leaf(x[layer], jnp.float32(cut.thr), mode, jnp.int32(q)))
+        return jnp.stack(rows)
+
+    return jax.tree_util.tree_map_with_path(one, vector)
 
 
 def dare(
@@ -421,152 +625,11 @@ def slerp(a: optax.Params, b: optax.Params, t: float) -> optax.Params:
     return merge_trees("slerp", a, [b], t=t)
 
 
-def _f32(tree: Any) -> Any:
-    return jax.tree.map(lambda x: jnp.asarray(x, F32), tree)
-
-
-# ----------------------------------------------------------------------------- recipe methods
-
-
-class _TaskModelsSpec(MethodSpecBase):
-    """A merge of per-task fine-tunes from one base at the stage's end: every task trains from
-    θ_b (the stage's start, ``frozen["stage_start"]``); at each task's end but the last its
-    weights θ_t are kept (``frozen["<name>_task<t>"]``, in the parameters' dtype, sharded like
-    them) and the weights go back to θ_b; after the last task the stage ends on the merge of
-    θ_b and θ_0..θ_{T−1}, and drops the kept weights. Row t of R scores the merge of the tasks
-    seen so far; a scalar ``frozen["<name>_open"]`` marks a merge still pending, so the view is
-    the identity once the stage has merged (scoring its checkpoint does not merge twice)."""
-
-    needs_full_weights: ClassVar[bool] = True
-    describes_weights: ClassVar[bool] = True
-
-    def merged(self, base: Any, models: Sequence[Any]) -> Any:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def _key(self, t: int) -> str:
-        return f"{self.name}_task{t}"
-
-    def _kept(self, frozen: dict[str, Any]) -> list[Any]:
-        out, t = [], 0
-        while self._key(t) in frozen:
-            out.append(frozen[self._key(t)])
-            t += 1
-        return out
-
-    def _open(self) -> str:
-        return f"{self.name}_open"
-
-    def hooks(self) -> list[Hook]:
-        def start(ctx: Context, carry: Carry) -> Carry:
-            carry = store_stage_start(ctx, carry)
-            if ctx.task.index == 0 and self._open() not in carry.frozen:
-                carry = replace_carry(carry, **{self._open(): jnp.zeros((), jnp.int32)})
-            return carry
-
-        return [
-            Hook("task_start", checked(full_weights_only(self.name), start), self.name),
-            Hook("merge", self._merge, self.name),
-        ]
-
-    def _merge(self, ctx: Context, carry: Carry) -> Carry:
-        params, frozen = carry.state.params, carry.frozen
-        base = frozen["stage_start"]
-        kept = self._kept(frozen)
-        if is_last_task(ctx):
-            merged = self.merged(base, [*kept, params])
-            drop = (self._open(), *(self._key(t) for t in range(len(kept))))
-            return replace_carry(carry, params=merged, drop=drop)
-        return replace_carry(
-            carry, params=copy_tree(base), **{self._key(len(kept)): copy_tree(params)}
-        )
-
-    def eval_view(self) -> EvalView | None:
-        def view(params: Any, carry: Carry, i: int) -> Any:
-            f = carry.frozen
-            if self._open() not in f:  # before the stage, or merged already
-                return params
-            return self.merged(f["stage_start"], [*self._kept(f), params])
-
-        return _cached(view)
-
-
-def _cached(view: EvalView) -> EvalView:
-    """``view`` remembering its last answer: the rows of R call it once per task with the same
-    parameters and carry, and a merge (TIES' sort of every leaf) is worth computing once. Holds
-    one merged tree until the next call with other arguments."""
-    last: list[Any] = []
-
-    def cached(params: Any, carry: Carry, i: int) -> Any:
-        if last and last[0] is params and last[1] is carry.frozen:
-            return last[2]
-        out = view(params, carry, i)
-        last[:] = [params, carry.frozen, out]
-        return out
-
-    return cached
-
-
-class TiesSpec(_TaskModelsSpec):
-    """TIES-Merging (Yadav et al., 2023) of the stage's per-task fine-tunes at its end:
-    ``θ_b + λ τ_m``, τ_m the disjoint mean of the trimmed, sign-elected task vectors
-    ``τ_t = θ_t − θ_b``. Memory: θ_b plus one P (parameters' dtype) per finished task."""
-
-    name: Literal["ties"]
-    density: float = Field(0.2, gt=0, le=1, description="share of each τ_t kept (paper: 0.2)")
-    lam: float = Field(1.0, ge=0, description="λ in θ_b + λ τ_m (paper: 1, or tuned)")
-    consensus: Consensus = Field("sum", description="sign election: sum (the paper's) or count")
-    normalize: bool = Field(True, description="disjoint mean (true) or sum (false)")
-    scope: Literal["leaf", "model"] = Field(
-        "leaf", description="trim each tensor (mergekit) or each whole task vector (paper's code)"
-    )
-
-    def merged(self, base: Any, models: Sequence[Any]) -> Any:
-        return ties(
-            base,
-            models,
-            density=self.density,
-            lam=self.lam,
-            consensus=self.consensus,
-            normalize=self.normalize,
-            scope=self.scope,
-        )
-
-
-class DareSpec(_TaskModelsSpec):
-    """DARE (Yu et al., 2024) of the stage's per-task fine-tunes at its end: each task vector
-    dropped with rate p and rescaled by 1/(1 − p) (masks from ``seed``, the leaf's path and the
-    task's index), combined by task arithmetic (``linear``) or TIES' sign election (``ties``).
-    Memory: θ_b plus one P per finished task."""
-
-    name: Literal["dare"]
-    drop: float = Field(0.9, ge=0, lt=1, description="p, the drop rate (paper: up to 0.9)")
-    seed: int = Field(0, description="seed of the drop masks")
-    combine: Literal["linear", "ties"] = Field("linear", description="task arithmetic or TIES")
-    lam: float = Field(1.0, ge=0, description="λ scaling the combined vectors")
-    consensus: Consensus = Field("sum", description="combine: ties: the sign election")
-    normalize: bool = Field(False, description="divide by the (agreeing) weights' sum")
-
-    def merged(self, base: Any, models: Sequence[Any]) -> Any:
-        return dare(
-            base,
-            models,
-            drop=self.drop,
-            seed=self.seed,
-            lam=self.lam,
-            combine=self.combine,
-            normalize=self.normalize,
-            consensus=self.consensus,
-        )
-
-
-MERGE_SPECS: tuple[type[MethodSpecBase], ...] = (TiesSpec, DareSpec)
-
 __all__ = [
-    "MERGE_SPECS",
     "NEEDS_BASE",
-    "DareSpec",
-    "TiesSpec",
+    "Cut",
     "combine",
+    "cut_leaf",
     "dare",
     "dare_drop",
     "dare_leaf",
@@ -585,6 +648,7 @@ __all__ = [
     "task_vector",
     "ties",
     "ties_leaf",
+    "tree_cut",
     "trim",
     "trim_model",
 ]

@@ -25,7 +25,7 @@ from jaxcl.methods.gpm import GpmSpec
 from jaxcl.methods.hma import HmaSpec
 from jaxcl.methods.isolate import FreezeSpec, PackNetSpec
 from jaxcl.methods.memory import ReplaySpec
-from jaxcl.methods.merge import DareSpec, TiesSpec
+from jaxcl.methods.merge_specs import DareSpec, TiesSpec
 from jaxcl.methods.project import AgemSpec, OgdSpec, OLoraSpec
 from jaxcl.methods.protocol import Hook, MethodSpecBase
 from jaxcl.methods.regularize import EwcSpec, L2AnchorSpec, MasSpec, RecAdamSpec, SiSpec

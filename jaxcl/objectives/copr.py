@@ -24,7 +24,9 @@ summed over the response tokens; in log space both are a softmax over ``Y_x``).
   target probability still count). COPR adds an SFT term, the NLL of the top-ranked response.
 * **Historical constraints**: at the end of task ``i`` the targets ``log P*_i`` of a replay
   memory ``R_i`` of its prompts are stored; later tasks keep
-  ``J_{C_i}(θ) = E_{x∼R_i} Σ_y |Y_x|^{-1} [log P_θ − log P*_i]² − d_i ≤ 0``.
+  ``J_{C_i}(θ) = E_{x∼R_i} Σ_y |Y_x|^{-1} [log P_θ − log P*_i]² − d_i ≤ 0`` (the ``copr``
+  method's default ``d_i``: that fit under the policy that finished task ``i``, measured when
+  the targets are stored; with ``d_i = 0`` the squared error keeps every constraint violated).
 * **Lagrangian duality**: ``min_θ max_{λ≥0} J_t(θ) + Σ_i λ_i J_{C_i}(θ)`` (:func:`lagrangian`),
   alternating a descent step on ``θ`` with an ascent step on the multipliers,
   ``λ_i ← max(0, λ_i + η J_{C_i}(θ))`` (:func:`dual_ascent`).

@@ -58,8 +58,10 @@ def make_train_step(
     the ``memory`` batch (examples of earlier tasks) reaches the chain as the extra argument
     ``memory_grads`` (A-GEM); with ``memory_per_task`` too, ``memory`` holds one batch per
     earlier task (leaves ``[tasks, batch, ...]``) and ``memory_grads`` one gradient per task
-    (leaves ``[tasks, *param.shape]``, a ``lax.map``: one task's activations live at a time;
-    GEM); otherwise ``memory`` is ignored and may be ``None``.
+    (leaves ``[tasks, *param.shape]``, a ``lax.map``: one task's activations live at a time,
+    but the ``T`` gradients are stacked, ``T × P`` of gradient memory per step for ``T`` earlier
+    tasks and ``P`` trainable parameters; GEM, COPR); otherwise ``memory`` is ignored and may be
+    ``None``.
     With ``accum_steps > 1`` the batch is split into that many micro-batches whose gradients and
     metrics are averaged (each micro-batch's loss is its own mean, as in most LLM trainers).
     Metrics include the objective's, and the global gradient norm.
