@@ -227,6 +227,11 @@ def merge_sources(
     out = Path(cfg.out).expanduser()
     if out.exists() and not cfg.overwrite:
         raise MergeError(f"out: {out} exists; remove it or set overwrite: true")
+    if out.exists() and not (out / "jaxcl_merge.json").is_file():
+        raise MergeError(
+            f"out: {out} exists and is not the output of an earlier jaxcl merge (no "
+            "jaxcl_merge.json): overwrite replaces only a merge's own output; choose another out"
+        )
     with ExitStack() as stack:
         models = [open_input(m.source, cfg.model, stack) for m in cfg.models]
         base = open_input(cfg.base, cfg.model, stack) if cfg.base else None

@@ -88,6 +88,13 @@ def plan(recipe: Recipe, devices: int | None = None) -> dict[str, Any]:
     _, params, names = recipe.model.build_abstract()
     shardings = parallel.tree_shardings(names, params, mesh, rules)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    n_new = 0
+    if recipe.model.expand is not None:  # block expansion: the inserted blocks are new
+        from jaxcl.methods.block_expansion import new_blocks, trained_count
+
+        layers = len(params["layers"]) if 0 in params["layers"] else None
+        layers = layers or jax.tree.leaves(params["layers"])[0].shape[0]
+        n_new = trained_count(params, new_blocks(layers, recipe.model.expand.every))
     stages = []
     try:
         tokenizer = model_tokenizer(recipe.model)
@@ -105,6 +112,10 @@ def plan(recipe: Recipe, devices: int | None = None) -> dict[str, Any]:
             trainable, trainable_sh = model.split(tree)[0], model.split(tree_sh)[0]
         else:
             trainable, trainable_sh = tree, tree_sh
+        trained = sum(math.prod(x.shape) for x in jax.tree.leaves(trainable))
+        for m in stage.methods:  # masks that declare what they let train (block_expansion)
+            if hasattr(m, "trained"):
+                trained = min(trained, m.trained(trainable))
         opt = jax.eval_shape(tx.init, trainable)
         opt_sh = state_shardings(tx, trainable, trainable_sh, parallel.replicated(mesh))
         objective = stage_objective(stage, None)
@@ -116,7 +127,7 @@ def plan(recipe: Recipe, devices: int | None = None) -> dict[str, Any]:
                 "kind": stage.kind,
                 "tasks": [t.name for t in stage.tasks],
                 "methods": [m.name for m in stage.methods],
-                "trainable": sum(math.prod(x.shape) for x in jax.tree.leaves(trainable)),
+                "trainable": trained,
                 "objective": list(objective.terms),
                 "steps": total,
                 "tokens": total * stage.batch_size * stage.seq_len,
@@ -131,6 +142,7 @@ def plan(recipe: Recipe, devices: int | None = None) -> dict[str, Any]:
         "recipe": recipe.name,
         "model": recipe.model.name,
         "parameters": n_params,
+        "new_parameters": n_new,
         "mesh": dict(mesh.shape),
         "devices": mesh.size,
         "stages": stages,
@@ -166,7 +178,9 @@ def task_budgets(recipe: Recipe, stage: Any, tokenizer: Any) -> list[dict[str, A
 def format_plan(p: dict[str, Any]) -> str:
     gib = lambda b: f"{b / 2**30:.3f}"  # noqa: E731
     lines = [
-        f"{p['recipe']}: {p['model']} ({p['parameters']:,} parameters) on mesh {p['mesh']}",
+        f"{p['recipe']}: {p['model']} ({p['parameters']:,} parameters"
+        + (f", {p['new_parameters']:,} new" if p.get("new_parameters") else "")
+        + f") on mesh {p['mesh']}",
         "",
         "| stage | kind | tasks | methods | objective | trained | steps | tokens | params GiB/dev "
         "| opt+CL state GiB/dev | frozen GiB/dev |",

@@ -417,6 +417,20 @@ class Recipe(Strict):
         return validate(raw, source=f"compare.{name}")
 
     @pydantic.model_validator(mode="after")
+    def _bind_model(self) -> Recipe:
+        """Methods that depend on the model's shape (``bind_model``) read it from ``model``."""
+        for i, stage in enumerate(self.stages):
+            for j, method in enumerate(stage.methods):
+                bind = getattr(method, "bind_model", None)
+                if bind is None:
+                    continue
+                try:
+                    stage.methods[j] = bind(self.model)
+                except ValueError as err:
+                    raise ValueError(f"stages[{i}].methods[{j}] ({method.name}): {err}") from None
+        return self
+
+    @pydantic.model_validator(mode="after")
     def _unique_stages(self) -> Recipe:
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):

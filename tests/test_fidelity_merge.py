@@ -619,6 +619,16 @@ def test_the_documented_merge_config_runs(hf_models, tmp_path, capsys):
     assert code == 0, text
     assert json.loads((tmp_path / "merged" / "jaxcl_merge.json").read_text())["method"]
 
+    # --overwrite replaces an earlier merge's output; any other folder is refused untouched
+    code, text = _run(["merge", str(tmp_path / "doc.yaml"), "--overwrite"], capsys)
+    assert code == 0, text
+    other = tmp_path / "run"
+    (other / "checkpoints").mkdir(parents=True)
+    example["out"] = str(other)
+    code, text = _run(["merge", _write(tmp_path / "other.yaml", example), "--overwrite"], capsys)
+    assert code == 2 and "not the output of an earlier jaxcl merge" in text, text
+    assert (other / "checkpoints").is_dir()
+
 
 # ----------------------------------------------------------------------------- recipe methods
 

@@ -264,6 +264,42 @@ def test_average_interpolates_with_the_task_start_at_every_task_end():
     assert_close(view(after[-1], carry, 0), theta)  # a merged checkpoint is not merged again
 
 
+def np_slerp(a: np.ndarray, b: np.ndarray, t: float, threshold: float = 0.9995) -> np.ndarray:
+    """Shoemake's SLERP on the flattened arrays, the angle from the unit vectors; linear when
+    they are nearly colinear (mergekit's rule)."""
+    x, y = a.ravel(), b.ravel()
+    cos = float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y)))
+    if abs(cos) > threshold:
+        return (1 - t) * a + t * b
+    omega = np.arccos(np.clip(cos, -1.0, 1.0))
+    return (np.sin((1 - t) * omega) * a + np.sin(t * omega) * b) / np.sin(omega)
+
+
+def test_average_slerps_with_the_task_start_at_every_task_end():
+    """``mode: slerp``: θ ← slerp(θ_start, θ; α) at each task end, a stacked ``layers`` leaf
+    layer by layer; spherical, so not the linear interpolation."""
+    n_tasks, steps, a = 3, 3, 0.3
+    params, targets, noise = problem(5, n_tasks, steps)
+    spec = AverageSpec(name="average", mode="slerp", alpha=a)
+    scored, after, carry = run_stage(spec, params, targets, noise, steps)
+    theta, T, N = np_problem(params, targets, noise)
+    for t in range(n_tasks):
+        start = dict(theta)
+        for k in range(steps):
+            theta = np_train(theta, T[t], N[t][k])
+        linear = {x: (1 - a) * start[x] + a * theta[x] for x in theta}
+        theta = {
+            x: np.stack([np_slerp(s, e, a) for s, e in zip(start[x], theta[x])])
+            if x.startswith("layers/")
+            else np_slerp(start[x], theta[x], a)
+            for x in theta
+        }
+        assert max(np.abs(theta[x] - linear[x]).max() for x in theta) > 1e-3
+        assert_close(scored[t][-1], theta, rtol=1e-4, atol=1e-5)
+        assert_close(after[t], theta, rtol=1e-4, atol=1e-5)
+    assert "average_anchor" not in carry.frozen
+
+
 def test_average_running_is_the_uniform_mean_of_task_end_weights():
     n_tasks, steps = 3, 3
     params, targets, noise = problem(6, n_tasks, steps)

@@ -186,5 +186,12 @@ CATALOG: dict[str, MethodInfo] = {
             "COPR: fit each pair's optimal policy softmax(log π_{t-1} + Adv/β) (+ SFT); stored "
             "targets of earlier tasks kept as constraints, multipliers by dual ascent.",
         ),
+        MethodInfo(
+            "block_expansion",
+            "isolation",
+            "transform",
+            "LLaMA Pro: train only the identity blocks model.expand inserted (zeroed o/down) "
+            "after every k-th block; the rest bit-identical.",
+        ),
     ]
 }

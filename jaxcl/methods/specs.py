@@ -19,6 +19,7 @@ from typing import Annotated
 import optax
 from pydantic import Field
 
+from jaxcl.methods.block_expansion import BlockExpansionSpec
 from jaxcl.methods.copr import CoprSpec
 from jaxcl.methods.gem import GemSpec
 from jaxcl.methods.gpm import GpmSpec
@@ -57,6 +58,7 @@ METHOD_SPECS: tuple[type[MethodSpecBase], ...] = (
     TiesSpec,
     DareSpec,
     CoprSpec,
+    BlockExpansionSpec,
 )
 
 MethodSpec = Annotated[
@@ -82,7 +84,8 @@ MethodSpec = Annotated[
     | HmaSpec
     | TiesSpec
     | DareSpec
-    | CoprSpec,
+    | CoprSpec
+    | BlockExpansionSpec,
     Field(discriminator="name"),
 ]
 
@@ -117,7 +120,7 @@ CONFLICTS.update(
 FIRST: tuple[str, ...] = ("si", "recadam")
 #: masks stand last behind the optimizer, after any projection of the update, so the weights
 #: they fix stay bit-identical
-LAST: tuple[str, ...] = ("freeze", "packnet", "soft_mask")
+LAST: tuple[str, ...] = ("freeze", "packnet", "soft_mask", "block_expansion")
 
 
 def validate_methods(methods: list[MethodSpecBase]) -> None:

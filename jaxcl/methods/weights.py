@@ -321,6 +321,10 @@ class AverageSpec(MethodSpecBase):
       copy ``frozen["average_anchor"]`` lives from the task's start to its merge): WiSE-FT's
       interpolation (Wortsman et al., 2022) at every task's end, which is also task arithmetic
       run "from the previous merge" with each task's own delta as τ (α = λ).
+    * ``slerp``: ``θ ← slerp(θ_start, θ; α)`` per (per-layer) leaf, spherical interpolation
+      (Shoemake, 1985) between the task's start and end weights on the angle of the flattened
+      leaf, linear where the two are nearly colinear (:func:`jaxcl.methods.merge.slerp`, as
+      mergekit's ``slerp``).
     * ``running``: ``θ ← (1/t) Σ_{j ≤ t} θ_j``, the uniform average of the task-end weights
       θ_j (each trained from the previous average): ``m_t = m_{t−1} + (θ_t − m_{t−1})/t`` in
       ``frozen["average_mean"]`` (float32), t in ``frozen["average_count"]``.
@@ -330,9 +334,9 @@ class AverageSpec(MethodSpecBase):
 
     name: Literal["average"]
     describes_weights: ClassVar[bool] = True
-    mode: Literal["interpolate", "running"] = "interpolate"
+    mode: Literal["interpolate", "slerp", "running"] = "interpolate"
     alpha: float = Field(
-        0.5, ge=0, le=1, description="interpolate: weight of the task's trained weights"
+        0.5, ge=0, le=1, description="interpolate, slerp: weight of the task's trained weights"
     )
 
     def hooks(self) -> list[Hook]:
@@ -354,9 +358,13 @@ class AverageSpec(MethodSpecBase):
         ]
 
     def _merged(self, params: Any, frozen: dict[str, Any]) -> Any:
-        if self.mode == "interpolate":
+        if self.mode != "running":
             if "average_anchor" not in frozen:
                 return params
+            if self.mode == "slerp":
+                from jaxcl.methods.merge import slerp  # merge imports this module
+
+                return slerp(frozen["average_anchor"], params, self.alpha)
             return interpolate(frozen["average_anchor"], params, self.alpha)
         if "average_mean" not in frozen:
             return params  # t = 1: the average of one model
@@ -365,7 +373,7 @@ class AverageSpec(MethodSpecBase):
 
     def _merge(self, ctx: Context, carry: Carry) -> Carry:
         params, f = carry.state.params, carry.frozen
-        if self.mode == "interpolate":
+        if self.mode != "running":
             return replace_carry(carry, params=self._merged(params, f), drop=("average_anchor",))
         count = f.get("average_count", jnp.zeros((), jnp.int32))
         mean = (

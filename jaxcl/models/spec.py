@@ -16,6 +16,13 @@ from jaxcl.models.tokenizer import ByteTokenizer
 from jaxcl.spec import Strict
 
 
+class ExpandSpec(Strict):
+    """Block expansion (LLaMA Pro): an identity copy of a block inserted after every ``every``-th
+    block when the model is built (:mod:`jaxcl.models.expand`)."""
+
+    every: int = Field(ge=1, description="original blocks per inserted block; divides num_layers")
+
+
 class ModelSpec(Strict):
     """``preset`` (random weights from the recipe seed) or ``source`` (pretrained weights: an HF
     directory, a ``.gguf`` file or a weights preset such as ``smollm2-135m-instruct``; when given
@@ -27,6 +34,17 @@ class ModelSpec(Strict):
     param_dtype: Literal["float32", "bfloat16"] | None = None
     scan_layers: bool = False
     remat: bool = False
+    expand: ExpandSpec | None = Field(
+        None, description="block expansion (LLaMA Pro): {every: k} inserts L/k identity blocks"
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _expand_fits(self) -> ModelSpec:
+        if self.expand is not None:
+            from jaxcl.models.expand import check_every
+
+            check_every(_base_config(self).num_layers, self.expand.every, "expand.every")
+        return self
 
     @pydantic.field_validator("preset")
     @classmethod
@@ -88,6 +106,10 @@ class ModelSpec(Strict):
         else:
             model = Decoder(preset(self.preset).replace(**overrides), rngs=nnx.Rngs(seed))
             tokenizer = ByteTokenizer()
+        if self.expand is not None:
+            from jaxcl.models.expand import expand_model
+
+            model, _ = expand_model(model, every=self.expand.every)
         graphdef, state = nnx.split(model, nnx.Param)
         return graphdef, nnx.to_pure_dict(state), param_logical_names(model), tokenizer
 
@@ -128,10 +150,21 @@ class LoraSpec(Strict):
         return LoRAConfig(rank=self.rank, alpha=self.alpha, targets=targets)
 
 
+def _base_config(spec: ModelSpec) -> Any:
+    """The config of ``spec``'s model before block expansion."""
+    base = spec.model_copy(update={"expand": None}).model_dump_json()
+    return nnx.merge(*abstract_parts(base)).config
+
+
 @functools.lru_cache(maxsize=16)
 def abstract_parts(spec_json: str) -> tuple[nnx.GraphDef, nnx.State]:
     """``nnx.split`` of the shape-only model of a :class:`ModelSpec` (given as JSON)."""
     spec = ModelSpec.model_validate_json(spec_json)
+    if spec.expand is not None:  # the expanded model's shapes: the same decoder, deeper
+        from jaxcl.models.expand import expanded_config
+
+        cfg = expanded_config(_base_config(spec), spec.expand.every)
+        return nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
     overrides = spec.overrides
     name = spec.preset
     if spec.source is not None:
