@@ -60,6 +60,7 @@ from jaxcl.methods.merge import NEEDS_BASE, MergeMethod
 from jaxcl.parallel import MESH_AXES, resolve_mesh_shape
 from jaxcl.recipe import MeshSpec
 from jaxcl.spec import Strict
+from jaxcl.yaml_io import _field_path, _line_of, read_yaml
 
 __all__ = [
     "MergeConfig",
@@ -172,8 +173,6 @@ def validate_config(
 ) -> MergeConfig:
     """A :class:`MergeConfig` from a mapping; every problem reported as ``source:line: field:
     why``, as recipes report theirs."""
-    from jaxcl.recipe import _field_path, _line_of
-
     if not isinstance(raw, dict):
         raise MergeError(f"{source}: a merge config must be a YAML mapping")
     problems: list[tuple[tuple[Any, ...], str]] = []
@@ -202,8 +201,6 @@ def validate_config(
 
 def load_config(path: str | Path) -> MergeConfig:
     """Safe-load (a key given twice refused) and validate a merge config file."""
-    from jaxcl.recipe import read_yaml
-
     path = Path(path)
     raw, root = read_yaml(path, what="merge config", error=MergeError)
     return validate_config(raw, str(path), root)
