@@ -5,9 +5,6 @@ identity, so the logits are bit-identical), transformers' own Llama on the expor
 and the checkpoint of a recipe stage (only the inserted blocks moved)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -22,6 +19,7 @@ from jaxcl.models import Decoder, preset, save_pretrained
 from jaxcl.models.expand import expand_blocks, expand_model, new_layer_ids
 from jaxcl.models.llama import unstack_layers
 from jaxcl.recipe import RecipeError, validate
+from tests.fake_devices import run_on_fake_devices
 
 ROOT = Path(__file__).parent.parent
 
@@ -216,17 +214,8 @@ print("SHARDING" + json.dumps(seen))
 def test_new_blocks_shard_by_logical_names_on_8_devices(tmp_path):
     raw = _recipe(tmp_path / "mesh", steps=1)
     raw["mesh"] = {"data": 2, "fsdp": 2, "tensor": 2}
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    proc = subprocess.run(
-        [sys.executable, "-c", MESH_SCRIPT, json.dumps(raw)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    seen = json.loads(proc.stdout.split("SHARDING")[-1])
+    stdout = run_on_fake_devices(MESH_SCRIPT, json.dumps(raw))
+    seen = json.loads(stdout.split("SHARDING")[-1])
     assert sorted(seen) == ["0", "1", "2"]  # 2 layers + 1 inserted after layer 1
     print(f"\nnew block 2 shardings: {seen['2']}")
     assert seen["2"] == seen["1"] == seen["0"]

@@ -19,11 +19,8 @@ protocol.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -38,6 +35,7 @@ from jaxcl.methods import merge as M
 from jaxcl.methods import merge_specs as MS
 from jaxcl.methods.specs import validate_methods
 from jaxcl.methods.weights import TaskArithmeticSpec
+from tests.fake_devices import run_on_fake_devices
 from tests.test_fidelity_weights import assert_close, np_problem, np_train, problem, run_stage
 
 ROOT = Path(__file__).parent.parent
@@ -578,17 +576,8 @@ def test_merge_on_a_mesh_equals_the_unsharded_merge(tmp_path):
         merge_sources({**common, **extra, "out": str(tmp_path / name)})  # one device
         sharded[name] = {**common, **extra, "out": str(tmp_path / f"{name}_mesh")}
         sharded[name]["mesh"] = {"data": 1, "fsdp": 4, "tensor": 2}
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    proc = subprocess.run(
-        [sys.executable, "-c", MESH_SCRIPT, json.dumps(sharded)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    reports = json.loads(proc.stdout.split("REPORT")[-1])
+    stdout = run_on_fake_devices(MESH_SCRIPT, json.dumps(sharded))
+    reports = json.loads(stdout.split("REPORT")[-1])
     for name in merges:
         one, mesh = _tensors(tmp_path / name), _tensors(tmp_path / f"{name}_mesh")
         assert sorted(one) == sorted(mesh) and len(one) == 21
