@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcl.methods.merge import NEEDS_BASE, Cut, host_cut, merge_leaf, path_str
+from jaxcl.methods.merge import NEEDS_BASE, merge_leaf
+from jaxcl.methods.ties_trim import Cut, host_cut, path_str
 from jaxcl.models import hf
 from jaxcl.models.config import PRESETS, ModelConfig, to_hf_config
 
@@ -454,7 +455,7 @@ class Streamer:
 
 def tree_order(plan: list[Entry]) -> list[int]:
     """The indices of ``plan`` in the per-layer parameter tree's flattened order (the order
-    TIES' whole-vector trim breaks ties in, as :func:`jaxcl.methods.merge.tree_cut` does)."""
+    TIES' whole-vector trim breaks ties in, as :func:`jaxcl.methods.ties_trim.tree_cut` does)."""
     nested: dict[Any, Any] = {}
     for i, e in enumerate(plan):
         node = nested
@@ -465,7 +466,7 @@ def tree_order(plan: list[Entry]) -> list[int]:
 
 
 def model_cuts(base: Any, models: Sequence[Any], plan: list[Entry], density: float) -> list[Cut]:
-    """Each model's :class:`~jaxcl.methods.merge.Cut` of its whole task vector ``θ_i − θ_b``:
+    """Each model's :class:`~jaxcl.methods.ties_trim.Cut` of its whole task vector ``θ_i − θ_b``:
     its magnitudes streamed tensor by tensor (in ``plan``'s order, so a stacked checkpoint leaf
     is read once) into one preallocated float32 buffer, at the offsets of the per-layer tree's
     order, then ``np.partition`` in place for the exact k-th largest. Host memory: that buffer

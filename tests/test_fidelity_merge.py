@@ -33,6 +33,7 @@ import yaml
 from jaxcl.cli import main
 from jaxcl.methods import merge as M
 from jaxcl.methods import merge_specs as MS
+from jaxcl.methods import ties_trim as T
 from jaxcl.methods.specs import validate_methods
 from jaxcl.methods.weights import TaskArithmeticSpec
 from tests.fake_devices import run_on_fake_devices
@@ -191,7 +192,7 @@ def test_ties_matches_trim_elect_disjoint_mean(density, lam, consensus, weights,
         assert int(jnp.sum(M.trim(tau, density) != 0)) == int(density * 35)
     else:  # ... of the whole task vector (35 + 30 + 24 entries), not of each tensor
         tau = jax.tree.map(M.task_vector, fts[0], base)
-        assert sum(int(jnp.sum(x != 0)) for x in jax.tree.leaves(M.trim_model(tau, density))) == (
+        assert sum(int(jnp.sum(x != 0)) for x in jax.tree.leaves(T.trim_model(tau, density))) == (
             int(density * 89)
         )
         assert not np.allclose(flat(M.ties(base, fts, **kw, scope="leaf"))["embed"], got["embed"])
@@ -208,17 +209,17 @@ def test_ties_model_scope_breaks_ties_by_leaf_then_entry():
     }
     for density in (0.2, 0.5, 0.9):
         expected = np_global_topk({k: np.asarray(v) for k, v in vec.items()}, density)
-        got = flat(M.trim_model(vec, density))
+        got = flat(T.trim_model(vec, density))
         for k in vec:
             np.testing.assert_array_equal(got[k], expected[k], err_msg=f"{density} {k}")
-        cut = M.tree_cut(vec, density)
+        cut = T.tree_cut(vec, density)
         buffer = np.concatenate([np.abs(np.asarray(vec[k])).ravel() for k in sorted(vec)])
 
         def leaf_ties(thr):
             return [(k, int(np.sum(np.abs(np.asarray(vec[k])) == thr))) for k in sorted(vec)]
 
-        assert M.host_cut(buffer, density, leaf_ties) == cut
-    assert M.tree_cut(vec, 0.5).quotas is not None  # the partial tie path was exercised
+        assert T.host_cut(buffer, density, leaf_ties) == cut
+    assert T.tree_cut(vec, 0.5).quotas is not None  # the partial tie path was exercised
 
 
 def _layered(rng, n_layers=3, scale=1.0):
@@ -446,7 +447,7 @@ def test_streamed_ties_cuts_each_task_vector_as_the_tree_merge(hf_models, tmp_pa
         step = jax.tree.map(lambda x: np.sign(rng.normal(size=x.shape)).astype(x.dtype), base)
         fts.append(jax.tree.map(lambda x, s: x + (0.0625 * s).astype(x.dtype), base, step))
         save_hf(cfg, fts[-1], tmp_path / f"q{i}")
-    assert M.tree_cut(fts[0], 0.3, base).quotas is not None  # some tied entries dropped
+    assert T.tree_cut(fts[0], 0.3, base).quotas is not None  # some tied entries dropped
     for scope in ("model", "leaf"):
         out = tmp_path / scope
         merge_sources(
