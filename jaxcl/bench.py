@@ -1,22 +1,32 @@
 """``jaxcl bench``: time the train step of a preset shape, side by side with its variants.
 
-Everything compared is measured in the same process on the same batch: plain AdamW, AdamW with
-the continual-learning methods named by ``--method``, and (``--compare torch``) the transformers
-+ torch AdamW step on the same configuration. Step times are medians over the timed steps,
-after warm-up steps that include compilation.
+:func:`bench` runs every row in a process of its own (:mod:`jaxcl.bench_worker`), on the same
+batch and shape: plain AdamW, AdamW with the continual-learning methods named by ``--method``,
+and (``--compare torch``) the transformers + torch AdamW step on the same configuration, in
+fp32 and/or bf16 compute (torch: ``autocast``). Each row reports the peak memory of its own
+process; step times are medians over the timed steps, taken round-robin across the rows after
+warm-up steps that include compilation. MFU is ``6 · parameters · tokens/s / peak``.
 
-:func:`boundary_costs` times what a task boundary adds instead: the per-example Fisher (EWC) and
-MAS importance of a preset shape with random weights, in seconds per 1,000 examples.
+:func:`time_jaxcl` and :func:`time_torch` time one step in this process instead.
+:func:`boundary_costs` times what a task boundary adds: the per-example Fisher (EWC) and MAS
+importance of a preset shape with random weights, in seconds per 1,000 examples.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import os
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -26,6 +36,7 @@ import pydantic
 from flax import nnx
 from pydantic import TypeAdapter
 
+from jaxcl.bench_worker import random_batch as _worker_batch
 from jaxcl.methods.importance import DEFAULT_CHUNK, accumulator, fisher_stat, mas_stat, zeros_f32
 from jaxcl.models.config import ModelConfig, preset, to_hf_config
 from jaxcl.models.llama import Decoder
@@ -37,12 +48,21 @@ from jaxcl.train.step import TrainState, make_apply, make_train_step
 
 @dataclass
 class Timing:
+    """One row: a train step's median time, first step (compilation included), tokens/s, the
+    peak memory of the process that ran it (``memory_kind`` says which measure) and MFU."""
+
     name: str
     step_seconds: float
     compile_seconds: float
     tokens_per_s: float
     peak_rss_gib: float
     mfu: float | None = None
+    dtype: str = "fp32"
+    memory_kind: str = "peak RSS"
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_rss_gib
 
     def row(self, baseline: Timing | None) -> list[str]:
         ratio = f"{baseline.step_seconds / self.step_seconds:.2f}x" if baseline else "-"
@@ -77,11 +97,8 @@ def _time_steps(run_step: Callable[[], Any], warmup: int, steps: int) -> tuple[f
 
 
 def random_batch(cfg: ModelConfig, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {
-        "tokens": rng.integers(3, cfg.vocab_size, size=(batch, seq + 1)).astype(np.int32),
-        "loss_mask": np.ones((batch, seq + 1), np.float32),
-    }
+    """Token ids uniform in ``[3, vocab)`` (``[batch, seq + 1]``) and an all-ones loss mask."""
+    return _worker_batch(cfg.vocab_size, batch, seq, seed)
 
 
 def method_specs(names: Sequence[str]) -> list[Any]:
@@ -209,6 +226,91 @@ def time_torch(
     return Timing("transformers+torch adamw", median, first, n_tokens / median, _peak_rss_gib())
 
 
+#: Dense bf16 peak FLOP/s of one device, by ``device_kind`` (first match of a lowercase
+#: substring): the vendor's figures without sparsity. MFU of both the fp32 and the bf16 rows is
+#: taken against it (the usual convention); CPUs have no default (pass ``--peak-flops``).
+PEAK_FLOPS: dict[str, float] = {
+    "h200": 989e12,
+    "h100": 989e12,  # SXM; the PCIe card is 756e12
+    "a100": 312e12,
+    "l4": 121e12,
+    "a10g": 70e12,
+    "v6": 918e12,  # TPU v6e (Trillium)
+    "v5p": 459e12,
+    "v5 lite": 197e12,  # TPU v5e
+    "v5e": 197e12,
+    "v4": 275e12,
+}
+
+
+def default_peak_flops(device_kind: str) -> float | None:
+    """The :data:`PEAK_FLOPS` entry of ``device_kind`` (``jax.devices()[0].device_kind``)."""
+    kind = device_kind.lower()
+    return next((peak for key, peak in PEAK_FLOPS.items() if key in kind), None)
+
+
+def jaxcl_config(preset_name: str, dtype: str = "fp32") -> ModelConfig:
+    """The preset in ``dtype``: ``"fp32"``, or ``"bf16"`` (bf16 compute, float32 weights, as
+    torch's autocast)."""
+    if dtype not in ("fp32", "bf16"):
+        raise ValueError(f"--dtype must be fp32, bf16 or both, got {dtype!r}")
+    cfg = preset(preset_name)
+    return cfg if dtype == "fp32" else dataclasses.replace(cfg, dtype="bfloat16")
+
+
+class _Worker:
+    """A row's process (:mod:`jaxcl.bench_worker`): started, warmed up, then driven."""
+
+    def __init__(self, label: str, spec: dict[str, Any]) -> None:
+        import jaxcl
+
+        self.label, self.spec, self.times = label, spec, []
+        root = str(Path(jaxcl.__file__).resolve().parents[1])
+        env = dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+        )
+        # rows share the accelerator: no process grabs most of its memory up front
+        env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "jaxcl.bench_worker", json.dumps(spec)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            text=True,
+            env=env,
+        )
+        self.ready = self._answer()
+
+    def _answer(self) -> dict[str, Any]:
+        line = self.proc.stdout.readline()
+        answer = json.loads(line) if line.strip() else {"error": "the process ended"}
+        if "error" in answer:
+            self.stderr.seek(0)
+            tail = "".join(self.stderr.readlines()[-15:])
+            self.close()
+            raise RuntimeError(f"bench row {self.label!r}: {answer['error']}\n{tail}")
+        return answer
+
+    def ask(self, command: str) -> dict[str, Any]:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.flush()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.stderr.close()
+
+
 def bench(
     preset_name: str,
     *,
@@ -219,29 +321,113 @@ def bench(
     warmup: int = 2,
     steps: int = 5,
     peak_flops: float | None = None,
+    dtypes: Sequence[str] = ("fp32",),
+    threads: int | None = None,
 ) -> list[Timing]:
-    """Plain AdamW first, then each method, then torch: every figure from this one process.
+    """Every row in a process of its own, on the same batch and shape: for each of ``dtypes``,
+    plain AdamW, AdamW with each method, then (``compare_torch``) transformers + torch AdamW
+    (bf16: under ``torch.autocast``).
 
-    The jaxcl variants are compiled first and then timed round-robin (one step of each per
-    round), so their ratios hold on a machine whose load changes during the run; all of them
-    are held in memory at once."""
+    The rows of one dtype are started one after another (each compiles and warms up alone),
+    then timed round-robin, one step of each per round, so a change of machine load hits them
+    all alike; each reports its own peak memory (peak RSS on CPU, the device's peak bytes in
+    use on an accelerator). ``peak_flops`` defaults to the device's dense bf16 peak
+    (:data:`PEAK_FLOPS`), none on CPU. torch runs ``threads`` threads (default: every core,
+    as XLA's CPU client does)."""
+    for dtype in dtypes:
+        jaxcl_config(preset_name, dtype)  # bad names fail before any process starts
+    method_specs(methods)  # every bad --method fails before any timing
+    # this process never touches the accelerator (its memory is the rows'): the first jaxcl
+    # row says which device it ran on
     cfg = preset(preset_name)
-    specs = method_specs(methods)  # every bad --method fails before any timing
-    batch = random_batch(cfg, batch_size, seq_len)
-    variants = [_variant(cfg, batch, ())] + [_variant(cfg, batch, (spec,)) for spec in specs]
-    _time_interleaved(variants, warmup, steps)
-    timings = [v.timing(peak_flops) for v in variants]
-    if compare_torch:
-        timings.append(time_torch(cfg, batch, warmup=warmup, steps=steps))
+    n_params = cfg.num_params()
+    tokens = batch_size * seq_len
+    hf = to_hf_config(cfg).to_diff_dict()
+    hf["model_type"] = to_hf_config(cfg).model_type
+    hf.pop("transformers_version", None)
+    common = {"preset": preset_name, "batch": batch_size, "seq": seq_len, "warmup": warmup}
+    timings: list[Timing] = []
+    for dtype in dtypes:
+        rows = [("jaxcl adamw", {"side": "jaxcl", "methods": []})]
+        rows += [
+            (f"jaxcl adamw + {m.split(':')[0]}", {"side": "jaxcl", "methods": [m]}) for m in methods
+        ]
+        if compare_torch:
+            rows.append(("transformers+torch adamw", {"side": "torch", "hf_config": hf}))
+        workers: list[_Worker] = []
+        try:
+            for label, extra in rows:
+                if extra["side"] == "torch":
+                    platform = workers[0].ready["platform"]
+                    extra = dict(extra, threads=threads, cuda=platform == "gpu")
+                workers.append(_Worker(label, {**common, **extra, "dtype": dtype}))
+            if peak_flops is None:
+                peak_flops = default_peak_flops(workers[0].ready["device_kind"])
+            for _ in range(steps):
+                for w in workers:
+                    # let the previous row's idle worker threads (XLA's pool, OpenMP) stop
+                    # spinning before this row's step starts: else they take its cores
+                    time.sleep(SETTLE_S)
+                    w.times += w.ask("run 1")["times"]
+            for w in workers:
+                stats = w.ask("stats")
+                median = statistics.median(w.times)
+                mfu = 6 * n_params * tokens / median / peak_flops if peak_flops else None
+                timings.append(
+                    Timing(
+                        w.label,
+                        median,
+                        w.ready["first_step_s"],
+                        tokens / median,
+                        stats["peak_gib"],
+                        mfu,
+                        dtype,
+                        stats["memory_kind"],
+                    )
+                )
+        finally:
+            for w in workers:
+                w.close()
     return timings
 
 
-HEADER = ["step", "ms/step", "tokens/s", "first step s", "peak RSS GiB", "MFU", "speed vs first"]
+#: pause between two rows' steps, seconds (spinning idle threads of the other process settle)
+SETTLE_S = 0.5
+
+HEADER = ["step", "dtype", "ms/step", "tokens/s", "first step s", "MFU", "vs plain", "vs torch"]
 
 
-def format_table(timings: list[Timing], title: str) -> str:
-    rows = [HEADER] + [t.row(timings[0] if i else None) for i, t in enumerate(timings)]
-    return _markdown(rows, title)
+def format_table(timings: list[Timing], title: str, *, memory: bool = False) -> str:
+    """The rows as Markdown: ``vs plain`` is the plain jaxcl step's time over the row's (same
+    dtype), ``vs torch`` the row's tokens/s over torch's (same dtype); ``memory`` adds each
+    row's peak memory (its own process's)."""
+    header = HEADER + (["peak memory GiB"] if memory else [])
+    lines = [header]
+    for t in timings:
+        same = [o for o in timings if o.dtype == t.dtype]
+        plain = next((o for o in same if o.name == "jaxcl adamw"), None)
+        torch = next((o for o in same if o.name.startswith("transformers")), None)
+        is_torch = t is torch
+        vs_plain = (
+            "-" if is_torch or plain is None else f"{plain.step_seconds / t.step_seconds:.2f}x"
+        )
+        vs_torch = (
+            "-" if is_torch or torch is None else f"{t.tokens_per_s / torch.tokens_per_s:.2f}x"
+        )
+        line = [
+            t.name,
+            t.dtype,
+            f"{t.step_seconds * 1e3:.1f}",
+            f"{t.tokens_per_s:,.0f}",
+            f"{t.compile_seconds:.1f}",
+            "-" if t.mfu is None else f"{t.mfu:.1%}",
+            vs_plain,
+            vs_torch,
+        ]
+        if memory:
+            line.append(f"{t.peak_rss_gib:.2f} ({t.memory_kind})")
+        lines.append(line)
+    return _markdown(lines, title)
 
 
 def _markdown(rows: list[list[str]], title: str) -> str:

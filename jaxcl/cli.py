@@ -34,7 +34,9 @@ EXAMPLES = {
   jaxcl report runs/trace --published tests/fixtures/trace_published.yaml""",
     "convert": """examples:
   jaxcl convert /path/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/smollm2-hf
-  jaxcl convert /tmp/smollm2-hf /tmp/smollm2.gguf --dtype float32""",
+  jaxcl convert /tmp/smollm2-hf /tmp/smollm2.gguf --dtype float32
+  # vocabulary expansion: new tokens (one a line) as new rows, the tokenizer extended too
+  jaxcl convert tiny /tmp/tiny-tools --add-tokens tools.txt --pad-to-multiple-of 64""",
     "merge": """examples:
   jaxcl merge merge.yaml              # the config: docs/methods.md, "jaxcl merge"
   jaxcl merge merge.yaml --overwrite  # replace an existing output folder""",
@@ -42,6 +44,7 @@ EXAMPLES = {
   jaxcl bench --preset tiny --batch 8 --seq 256
   jaxcl bench --preset tiny --method ewc --method agem
   jaxcl bench --preset smollm2-135m --batch 4 --seq 256 --compare torch
+  jaxcl bench --preset tiny --batch 16 --seq 96 --compare torch --dtype both --memory
   jaxcl bench --load smollm2-135m-instruct   # load time and forward tokens/s of real weights
   jaxcl bench --boundary --preset tiny --seq 64   # per-example Fisher / MAS cost per 1,000""",
 }
@@ -134,7 +137,21 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--compare", choices=["torch"], help="also time transformers + torch")
     bench.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     bench.add_argument("--warmup", type=int, default=2, help="untimed steps, compile included")
-    bench.add_argument("--peak-flops", type=float, help="device peak FLOP/s, for MFU")
+    bench.add_argument(
+        "--peak-flops",
+        type=float,
+        help="device peak FLOP/s, for MFU (default: the device's dense bf16 peak if known)",
+    )
+    bench.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16", "both"],
+        default="fp32",
+        help="compute dtype of the rows (bf16: float32 weights; torch under autocast)",
+    )
+    bench.add_argument(
+        "--memory", action="store_true", help="print each row's peak memory (own process)"
+    )
+    bench.add_argument("--threads", type=int, help="torch threads (default: every core)")
     bench.add_argument(
         "--load", metavar="SOURCE", help="instead: time loading SOURCE and its forward pass"
     )
@@ -153,6 +170,15 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("src", help="HF directory, .gguf file or preset name")
     convert.add_argument("dst", help="output: a directory (HF) or a path ending in .gguf")
     convert.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    convert.add_argument(
+        "--add-tokens",
+        metavar="FILE",
+        help="vocabulary expansion: add the tokens of FILE (one a line) to the tokenizer and as "
+        "new rows (mean of their sub-tokens' rows); the extended tokenizer is written too",
+    )
+    convert.add_argument(
+        "--pad-to-multiple-of", type=int, metavar="N", help="with --add-tokens: pad vocab_size"
+    )
 
     merge = sub.add_parser(
         "merge",
@@ -257,15 +283,25 @@ def _bench(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         steps=args.steps,
         peak_flops=args.peak_flops,
+        dtypes=("fp32", "bf16") if args.dtype == "both" else (args.dtype,),
+        threads=args.threads,
     )
+    import jax
+
+    from jaxcl.bench import default_peak_flops
+
+    peak = args.peak_flops or default_peak_flops(jax.devices()[0].device_kind)
     title = (
         f"jaxcl bench: preset {args.preset}, batch {args.batch}x{args.seq}, "
-        f"{jax_devices()} (median of {args.steps} steps)"
+        f"{jax_devices()} (median of {args.steps} steps, each row in its own process; "
+        + (f"MFU against {peak:.3g} FLOP/s)" if peak else "no MFU: pass --peak-flops)")
     )
-    print(format_table(timings, title))
-    if args.compare == "torch":
-        ratio = timings[-1].step_seconds / timings[0].step_seconds
-        print(f"\njaxcl adamw / transformers+torch adamw, tokens/s: {ratio:.2f}x")
+    print(format_table(timings, title, memory=args.memory))
+    for dtype in dict.fromkeys(t.dtype for t in timings):
+        same = [t for t in timings if t.dtype == dtype]
+        if args.compare == "torch" and len(same) > 1:
+            ratio = same[0].tokens_per_s / same[-1].tokens_per_s
+            print(f"\n{dtype}: jaxcl adamw / transformers+torch adamw, tokens/s: {ratio:.2f}x")
     return 0
 
 
@@ -305,7 +341,13 @@ def _eval(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from jaxcl.convert import convert_main
 
-    return convert_main(args.src, args.dst, dtype=args.dtype)
+    return convert_main(
+        args.src,
+        args.dst,
+        dtype=args.dtype,
+        add_tokens=args.add_tokens,
+        pad_to_multiple_of=args.pad_to_multiple_of,
+    )
 
 
 def _merge(args: argparse.Namespace) -> int:

@@ -35,6 +35,7 @@ def summarize(name: str, results: dict[str, Any]) -> dict[str, Any]:
     return {
         "variant": name,
         "seconds": results["seconds"],
+        "compile_seconds": (results.get("compile") or {}).get("compile_seconds"),
         "stages": {s["name"]: {m: s["metrics"][m] for m in METRICS} for s in results["stages"]},
         **{k: probes.get(k) for k in DELTAS},
     }
@@ -67,6 +68,9 @@ def _sweep(recipe: Recipe, console: Console, overwrite: bool) -> list[dict[str, 
         rows.append(dict(row, shared_stages=[s.name for s in shared]))
     if len(rows) > 1:
         print_comparison(console, rows)
+        compile_s = sum(r.get("compile_seconds") or 0.0 for r in rows)
+        total_s = sum(r["seconds"] for r in rows)
+        console.print(f"all variants: {total_s:.0f}s, of which compilation {compile_s:.0f}s")
         if parallel.is_primary():
             path = Path(recipe.out_dir) / "comparison.json"
             path.write_text(json.dumps({"variants": rows}, indent=2))

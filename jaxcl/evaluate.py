@@ -26,7 +26,8 @@ def _views(run, stage: StageSpec, path: Path):
         return None
     cursor = restore_cursor(sctx, stage, program, path)
     carry = Carry(cursor.state, cursor.frozen, cursor.buffer)
-    return lambda i: program.view(cursor.state.params, carry, i), sctx
+    scorer = program.scorer or sctx.model_scorer  # a method's scoring function (DEMix)
+    return lambda i: program.view(cursor.state.params, carry, i), scorer
 
 
 def evaluate(
@@ -61,8 +62,8 @@ def evaluate(
         for i, task in enumerate(task_data(ctx, stage)):
             scorer, p = ctx.model_scorer, params
             if views is not None:  # the checkpoint's own stage: each task on its view
-                view, sctx = views
-                scorer, p = sctx.model_scorer, view(i)
+                view, scorer = views
+                p = view(i)
             scores[task.name] = task.eval.on_devices(ctx.put_batch).score(scorer, p)
         out["stages"][stage.name] = {
             "metric": stage.metric,

@@ -15,6 +15,7 @@ from jax.sharding import AbstractMesh, AxisType
 
 from jaxcl import parallel
 from jaxcl.data.prepare import model_tokenizer
+from jaxcl.memplan import format_memory, stage_memory
 from jaxcl.methods import state_shardings
 from jaxcl.objectives.spec import stage_objective
 from jaxcl.recipe import Recipe
@@ -95,6 +96,24 @@ def plan(recipe: Recipe, devices: int | None = None) -> dict[str, Any]:
         layers = len(params["layers"]) if 0 in params["layers"] else None
         layers = layers or jax.tree.leaves(params["layers"])[0].shape[0]
         n_new = trained_count(params, new_blocks(layers, recipe.model.expand.every))
+    if recipe.model.moe_lora is not None:  # routed LoRA experts: routers, A and B are new
+        from jaxcl.methods.experts import new_param_count
+
+        n_new += new_param_count(params)
+    if recipe.model.demix is not None:  # DEMix: the stacked FFN experts are new
+        from jaxcl.methods.demix import new_param_count as demix_new
+
+        n_new += demix_new(params)
+    if recipe.model.prompts is not None:  # soft prompts: the bank (prompts, keys, task) is new
+        n_new += sum(math.prod(x.shape) for x in jax.tree.leaves(params["prompts"]))
+    if recipe.model.sapt is not None:  # SAPT: task blocks, router and reflection memory
+        from jaxcl.models.sapt import new_parameters
+
+        n_new += new_parameters(params)
+    if recipe.model.add_tokens is not None:  # vocabulary expansion: the added rows are new
+        from jaxcl.models.vocab import new_rows_count
+
+        n_new += new_rows_count(recipe.model, params)
     stages = []
     try:
         tokenizer = model_tokenizer(recipe.model)
@@ -136,6 +155,19 @@ def plan(recipe: Recipe, devices: int | None = None) -> dict[str, Any]:
                 "params_bytes_per_device": tree_bytes,
                 "opt_state_bytes_per_device": per_device_bytes(opt, opt_sh),
                 "frozen_bytes_per_device": frozen * tree_bytes,
+                "memory": stage_memory(
+                    recipe,
+                    stage,
+                    tree,
+                    tree_sh,
+                    trainable,
+                    trainable_sh,
+                    opt,
+                    opt_sh,
+                    frozen,
+                    dict(mesh.shape),
+                    step_trees=len(objective.frozen),
+                ),
             }
         )
     return {
@@ -208,6 +240,8 @@ def format_plan(p: dict[str, Any]) -> str:
                 f"| {s['name']} | {t['task']} | {given} | {t['steps']} | "
                 f"{t['tokens']:,} | {t['documents']:,} | {t['lr']:g} |"
             )
+    if all("memory" in s for s in p["stages"]):  # per device, by part and dtype
+        lines += format_memory(p["stages"])
     if p.get("warnings"):
         lines += ["", *(f"warning: {w}" for w in p["warnings"])]
     return "\n".join(lines)

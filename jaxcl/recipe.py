@@ -21,6 +21,7 @@ from jaxcl.data.spec import DataSpec
 from jaxcl.eval.scoring import HIGHER_IS_BETTER, check_metric
 from jaxcl.methods.specs import MethodSpec, method_names, validate_methods
 from jaxcl.models.spec import LoraSpec, ModelSpec
+from jaxcl.objectives.chunked import DEFAULT_CHUNK
 from jaxcl.objectives.spec import (
     DpoSpec,
     ReferenceSpec,
@@ -195,6 +196,13 @@ class StageSpec(Strict):
     grad_accum: int = Field(
         1, ge=1, description="micro-batches per step (batch_size must divide by it)"
     )
+    loss_chunk: int = Field(
+        DEFAULT_CHUNK,
+        ge=0,
+        description="sequence positions per logits chunk in the losses (the [batch, chunk, "
+        "vocab] logits are computed, and recomputed in the backward pass, one chunk at a "
+        "time); 0: the whole [batch, seq_len, vocab] logits at once",
+    )
     optimizer: dict[str, Any] = Field(
         default_factory=dict, description="overrides of the recipe's optimizer for this stage"
     )
@@ -228,7 +236,13 @@ class StageSpec(Strict):
     def build_objective(self, apply: Any) -> Any:
         """The stage's :class:`~jaxcl.objectives.bound.Objective` for model ``apply``."""
         return compile_objective(
-            self.kind, self.terms, self.reference, self.dpo, apply, self.methods
+            self.kind,
+            self.terms,
+            self.reference,
+            self.dpo,
+            apply,
+            self.methods,
+            self.loss_chunk,
         )
 
     @pydantic.model_validator(mode="after")
@@ -394,6 +408,12 @@ class Recipe(Strict):
     peak_flops_per_device: float | None = Field(
         None, gt=0, description="peak FLOP/s of one device, to log model FLOPs utilisation"
     )
+    compile_cache: bool | str = Field(
+        True,
+        description="persistent XLA compilation cache: true (the user's cache dir, "
+        "~/.cache/jaxcl/xla or $JAXCL_CACHE_DIR/xla), 'run' (the run folder's xla_cache), "
+        "a folder, or false",
+    )
     checkpoint_every: int | None = Field(
         None, ge=1, description="also checkpoint every N steps inside tasks (for resumption)"
     )
@@ -430,8 +450,19 @@ class Recipe(Strict):
                     continue
                 try:
                     stage.methods[j] = bind(self.model)
+                    # checked again once bound: a stage may not fit the model (sapt's blocks)
+                    stage.methods[j].check_stage(n_tasks=len(stage.tasks), lora=stage.lora)
                 except ValueError as err:
                     raise ValueError(f"stages[{i}].methods[{j}] ({method.name}): {err}") from None
+        return self
+
+    @pydantic.model_validator(mode="after")
+    def _prompts_fit(self) -> Recipe:
+        """A model with soft prompts (``model.prompts``): its stages, lengths and metrics fit."""
+        if self.model.prompts is not None:
+            from jaxcl.methods.prompts import check_recipe
+
+            check_recipe(self)
         return self
 
     @pydantic.model_validator(mode="after")
@@ -458,7 +489,10 @@ class Recipe(Strict):
         without where it is stored and how it is laid out on devices (``out_dir``, ``mesh``,
         ``rules``, ``checkpoint_every``), so a run can resume on another mesh or folder.
         ``stages=k``: of the run's first ``k`` stages only (what two recipes share)."""
-        placement = {"out_dir", "mesh", "rules", "checkpoint_every", "stall_steps", "compare"}
+        placement = {
+            *("out_dir", "mesh", "rules", "checkpoint_every", "stall_steps", "compare"),
+            "compile_cache",  # where compiled programs are kept changes no result
+        }
         raw = self.model_dump(mode="json", exclude=placement)
         if stages is not None:
             raw["stages"] = raw["stages"][:stages]
@@ -502,8 +536,11 @@ def _drop_tags(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     """Discriminated unions add their tag to the location (methods[0].ewc.lam,
     data.source.jsonl.train): drop it, so the path reads like the YAML."""
     tags = set(method_names()) | set(term_names())
-    return tuple(
-        k for i, k in enumerate(loc) if k not in tags and not (i and loc[i - 1] == "source")
+    return tuple(  # a tag follows a list index (model.sapt.tasks is a field path, kept)
+        k
+        for i, k in enumerate(loc)
+        if not (k in tags and i and isinstance(loc[i - 1], int))
+        and not (i and loc[i - 1] == "source")
     )
 
 

@@ -33,7 +33,9 @@ def test_quickstart_validates_with_overrides():
             r"stages\[0\]\.methods\[0\]\.name: unknown method ewk; "
             r"valid choices: ewc, l2_anchor, mas, si, recadam, agem, gem, ogd, gpm, o_lora, "
             r"freeze, packnet, soft_mask, replay, ssr, ema, elastic_reset, average, "
-            r"task_arithmetic, hma, ties, dare, copr, block_expansion$",
+            r"task_arithmetic, hma, ties, dare, copr, block_expansion, new_tokens, inflora, "
+            r"moe_lora, demix, "
+            r"soft_prompt, progressive_prompts, l2p, sapt$",
         ),
         (
             lambda r: r["stages"][1].pop("steps_per_task"),

@@ -585,6 +585,10 @@ def open_prepared(data: DataSpec, tokenizer: Any) -> PreparedDocs | None:
 
 def model_tokenizer(model: Any) -> Any:
     """The tokenizer ``ModelSpec.build`` returns, without building the model's parameters."""
+    if getattr(model, "add_tokens", None) is not None:  # the tokenizer extended by new tokens
+        from jaxcl.models.vocab import spec_tokenizer
+
+        return spec_tokenizer(model.model_dump_json())[0]
     if model.source is not None:
         from jaxcl.models.pretrained import load_tokenizer
 

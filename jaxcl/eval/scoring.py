@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcl.objectives import token_logps
+from jaxcl.objectives.chunked import DEFAULT_CHUNK, can_chunk, chunked_token_stats
 from jaxcl.parallel import to_host
 
 METRICS = (
@@ -134,15 +135,23 @@ HIGHER_IS_BETTER: dict[str, bool] = _Directions(
 )
 
 
-def make_batch_scorer(apply: Callable[..., jax.Array]):
-    """``score(params, tokens [B, L+1], mask [B, L+1]) -> (nll_sum, count, all_correct)``."""
+def make_batch_scorer(apply: Callable[..., jax.Array], chunk: int = DEFAULT_CHUNK):
+    """``score(params, tokens [B, L+1], mask [B, L+1]) -> (nll_sum, count, all_correct)``; the
+    logits taken ``chunk`` positions at a time when ``apply`` exposes its hidden states and
+    head (:mod:`jaxcl.objectives.chunked`; 0: whole)."""
 
     @jax.jit
     def score(params, tokens, loss_mask):
-        logits = apply(params, tokens[:, :-1])
         targets, mask = tokens[:, 1:], loss_mask[:, 1:].astype(jnp.float32)
-        nll = -token_logps(logits, targets) * mask
-        hits = (jnp.argmax(logits, axis=-1) == targets) | (mask == 0)
+        if chunk > 0 and can_chunk(apply):
+            hidden = apply.hidden(params, tokens[:, :-1])
+            stats = chunked_token_stats(apply, params, hidden, targets, chunk, argmax=True)
+            logps, argmax = stats["logps"], stats["argmax"]
+        else:
+            logits = apply(params, tokens[:, :-1])
+            logps, argmax = token_logps(logits, targets), jnp.argmax(logits, axis=-1)
+        nll = -logps * mask
+        hits = (argmax == targets) | (mask == 0)
         return nll.sum(-1), mask.sum(-1), jnp.all(hits, axis=-1)
 
     return score

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from pydantic import Field
 
-from jaxcl.methods.compose import Behind, Position, behind
+from jaxcl.methods.compose import Behind, Position, behind, keep_masked
 from jaxcl.methods.protocol import MethodSpecBase
 from jaxcl.models.expand import layer_mask
 
@@ -39,14 +39,7 @@ def train_blocks(layer_ids: list[int]) -> Behind:
 
     def update(updates, state, params=None, **extra_args):
         del params, extra_args
-        mask = layer_mask(updates, ids)
-
-        def keep(u, m):
-            if isinstance(m, bool):
-                return u if m else jnp.zeros_like(u)
-            return jnp.where(m, u, jnp.zeros_like(u))
-
-        return jax.tree.map(keep, updates, mask), state
+        return keep_masked(updates, layer_mask(updates, ids)), state
 
     return behind(init, update)
 

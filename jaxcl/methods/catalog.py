@@ -193,5 +193,61 @@ CATALOG: dict[str, MethodInfo] = {
             "LLaMA Pro: train only the identity blocks model.expand inserted (zeroed o/down) "
             "after every k-th block; the rest bit-identical.",
         ),
+        MethodInfo(
+            "new_tokens",
+            "isolation",
+            "transform",
+            "Vocabulary expansion: train only the rows of the tokens model.add_tokens added "
+            "(mean of sub-token rows at start); old rows and every block bit-identical.",
+        ),
+        MethodInfo(
+            "inflora",
+            "isolation",
+            "transform",
+            "InfLoRA: per-task LoRA whose A is designed from the task's inputs outside the "
+            "earlier tasks' subspace (DualGPM) and fixed; only B trains, folded after the task.",
+        ),
+        MethodInfo(
+            "moe_lora",
+            "isolation",
+            "transform",
+            "MoE-LoRA: LoRA experts (model.moe_lora) mixed per token by a learned router, one "
+            "expert added per task (earlier frozen) or a pool; load-balancing term.",
+        ),
+        MethodInfo(
+            "demix",
+            "isolation",
+            "transform",
+            "DEMix: one FFN expert per domain (model.demix), only the new one trained; scored "
+            "by the posterior mixture of experts (domain inferred, cached prior).",
+        ),
+        MethodInfo(
+            "soft_prompt",
+            "isolation",
+            "transform",
+            "Prompt tuning (Lester et al.): one soft prompt per task (model.prompts) prepended, "
+            "base frozen; task i scored with its own prompt.",
+        ),
+        MethodInfo(
+            "progressive_prompts",
+            "isolation",
+            "transform",
+            "Progressive Prompts: a new prompt per task, [P_t; …; P_0; x], earlier prompts "
+            "frozen; earlier tasks' outputs bit-identical.",
+        ),
+        MethodInfo(
+            "l2p",
+            "isolation",
+            "transform",
+            "L2P: a prompt pool with keys; top-k prompts by cos(query, key) prepended, keys "
+            "pulled by λ Σ (1 − cos); task inferred.",
+        ),
+        MethodInfo(
+            "sapt",
+            "isolation",
+            "transform",
+            "SAPT: a LoRA block per task (model.sapt), mixed by input attention over the "
+            "blocks; attentive reflection (KL) on finished tasks' pseudo-samples.",
+        ),
     ]
 }

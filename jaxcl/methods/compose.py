@@ -43,6 +43,18 @@ def behind(init: Any, update: Any) -> Behind:
     return Behind(init, update)
 
 
+def keep_masked(updates: Any, mask: Any) -> Any:
+    """``u ← u·m`` leaf by leaf: ``mask`` matches ``updates``, each leaf a Python bool (the whole
+    leaf kept or zeroed) or a boolean array broadcastable to the leaf (rows kept)."""
+
+    def keep(u: Any, m: Any) -> Any:
+        if isinstance(m, bool):
+            return u if m else jax.numpy.zeros_like(u)
+        return jax.numpy.where(m, u, jax.numpy.zeros_like(u))
+
+    return jax.tree.map(keep, updates, mask)
+
+
 def position(tx: Any) -> Position | None:
     """``"front"``, ``"behind"`` or ``None`` for a transform jaxcl does not know (the base)."""
     if isinstance(tx, Front):

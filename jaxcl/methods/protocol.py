@@ -141,6 +141,16 @@ def compose_views(views: Sequence[EvalView]) -> EvalView | None:
     return view
 
 
+def compose_eval_apply(methods: Sequence[Any], apply: Callable[..., Any]) -> Callable | None:
+    """The scoring function the methods' :meth:`MethodSpecBase.eval_apply` wrap around
+    ``apply`` (in recipe order), None when no method supplies one."""
+    out = None
+    for method in methods:
+        wrapped = method.eval_apply(apply if out is None else out)
+        out = wrapped if wrapped is not None else out
+    return out
+
+
 def with_state(carry: Carry, **fields: Any) -> Carry:
     """The carry with ``state`` fields (``params``, ``opt_state``) replaced."""
     return carry._replace(state=carry.state._replace(**fields))
@@ -214,6 +224,13 @@ class MethodSpecBase(Strict):
         """``view(params, carry, i)``: the parameters task ``i`` is scored with (None: as is)."""
         return None
 
+    def eval_apply(self, apply: Callable[..., Any]) -> Callable[..., Any] | None:
+        """The function teacher-forced scores are computed with, wrapped around the model's
+        ``apply(params, inputs) -> logits``: ``f(params, inputs) -> [B, T, V]`` logits or
+        log-probabilities (e.g. a mixture over experts); params come from the eval view.
+        None: the model's own."""
+        return None
+
     def objective_terms(self, reference: Any) -> list[Any]:
         """Weighted terms (:class:`jaxcl.objectives.terms.Term`) it adds to the stage's
         objective, given the stage's ``ReferenceSpec``; a stage whose methods add terms and
@@ -282,6 +299,7 @@ __all__ = [
     "Hook",
     "MethodSpecBase",
     "TaskInfo",
+    "compose_eval_apply",
     "compose_views",
     "copy_tree",
     "kernel_select",

@@ -21,15 +21,21 @@ from pydantic import Field
 
 from jaxcl.methods.block_expansion import BlockExpansionSpec
 from jaxcl.methods.copr import CoprSpec
+from jaxcl.methods.demix import DemixSpec
+from jaxcl.methods.experts import MoELoraSpec
 from jaxcl.methods.gem import GemSpec
 from jaxcl.methods.gpm import GpmSpec
 from jaxcl.methods.hma import HmaSpec
+from jaxcl.methods.inflora import InfLoraSpec
 from jaxcl.methods.isolate import FreezeSpec, PackNetSpec
 from jaxcl.methods.memory import ReplaySpec
 from jaxcl.methods.merge_specs import DareSpec, TiesSpec
+from jaxcl.methods.new_tokens import NewTokensSpec
 from jaxcl.methods.project import AgemSpec, OgdSpec, OLoraSpec
+from jaxcl.methods.prompts import L2PSpec, ProgressivePromptsSpec, SoftPromptSpec
 from jaxcl.methods.protocol import Hook, MethodSpecBase
 from jaxcl.methods.regularize import EwcSpec, L2AnchorSpec, MasSpec, RecAdamSpec, SiSpec
+from jaxcl.methods.sapt import SaptSpec
 from jaxcl.methods.softmask import SoftMaskSpec
 from jaxcl.methods.ssr import SsrSpec
 from jaxcl.methods.weights import AverageSpec, ElasticResetSpec, EmaSpec, TaskArithmeticSpec
@@ -59,6 +65,14 @@ METHOD_SPECS: tuple[type[MethodSpecBase], ...] = (
     DareSpec,
     CoprSpec,
     BlockExpansionSpec,
+    NewTokensSpec,
+    InfLoraSpec,
+    MoELoraSpec,
+    DemixSpec,
+    SoftPromptSpec,
+    ProgressivePromptsSpec,
+    L2PSpec,
+    SaptSpec,
 )
 
 MethodSpec = Annotated[
@@ -85,7 +99,15 @@ MethodSpec = Annotated[
     | TiesSpec
     | DareSpec
     | CoprSpec
-    | BlockExpansionSpec,
+    | BlockExpansionSpec
+    | NewTokensSpec
+    | InfLoraSpec
+    | MoELoraSpec
+    | DemixSpec
+    | SoftPromptSpec
+    | ProgressivePromptsSpec
+    | L2PSpec
+    | SaptSpec,
     Field(discriminator="name"),
 ]
 
@@ -120,7 +142,18 @@ CONFLICTS.update(
 FIRST: tuple[str, ...] = ("si", "recadam")
 #: masks stand last behind the optimizer, after any projection of the update, so the weights
 #: they fix stay bit-identical
-LAST: tuple[str, ...] = ("freeze", "packnet", "soft_mask", "block_expansion")
+LAST: tuple[str, ...] = (
+    "freeze",
+    "packnet",
+    "soft_mask",
+    "block_expansion",
+    "moe_lora",
+    "demix",
+    "soft_prompt",
+    "progressive_prompts",
+    "l2p",
+    "sapt",
+)
 
 
 def validate_methods(methods: list[MethodSpecBase]) -> None:

@@ -58,7 +58,8 @@ class ModelConfig:
     parameters on a leading ``layers`` axis and runs them with ``jax.lax.scan`` (compile time
     independent of depth; parameters then sit at ``params['layers']['attn']['q']`` with shape
     ``[num_layers, ...]`` instead of ``params['layers'][i]...``); ``remat`` recomputes each
-    layer's activations in the backward pass.
+    layer's activations in the backward pass. ``attention`` picks the attention kernel
+    (``auto``, ``xla``, ``cudnn``, ``splash``; see :mod:`jaxcl.models.attention`).
     """
 
     vocab_size: int
@@ -85,8 +86,15 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False
     remat: bool = False
+    # Attention kernel: auto | xla | cudnn | splash (jaxcl.models.attention). A runtime choice,
+    # not part of the architecture: never written to or read from HF / GGUF configs.
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.attention not in ("auto", "xla", "cudnn", "splash"):
+            raise ValueError(
+                f"attention must be one of auto, xla, cudnn, splash; got {self.attention!r}"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "

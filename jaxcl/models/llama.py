@@ -5,7 +5,8 @@ Every parameter carries logical axis names (``embed``, ``vocab``, ``heads``, ``k
 :mod:`jaxcl.parallel` maps them onto mesh axes. Kernels are stored ``[in, out]`` (the transpose of
 a torch ``Linear.weight``), so a projection is ``y = x·W + b``.
 
-Attention goes through :func:`jax.nn.dot_product_attention` (fused kernels on accelerators).
+Attention goes through :func:`jaxcl.models.attention.causal_attention`: XLA, cuDNN's fused kernel
+on GPU or Pallas splash on TPU, per the config's ``attention`` field (decode: always XLA).
 :meth:`Decoder.decode` runs the same layers against a key/value cache for generation.
 """
 
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxcl.models.attention import SegmentMask, causal_attention
 from jaxcl.models.config import ModelConfig
 
 Cache = dict[str, jax.Array]
@@ -86,6 +88,14 @@ class _Projections(nnx.Module):
             if rng is not None:
                 rng = jax.random.fold_in(rng, PROJECTIONS.index(name))
             y = y + lora[name](x, rng).astype(dt)
+        experts = getattr(self, "moe_lora", None)  # routed LoRA experts (jaxcl.models.experts)
+        if experts is not None and name in experts:
+            y = y + experts[name](x).astype(dt)
+        sapt = getattr(self, "sapt", None)  # SAPT's task blocks (jaxcl.models.sapt)
+        if sapt is not None and name in sapt:
+            from jaxcl.models.sapt import block_weights
+
+            y = y + sapt[name](x, block_weights()).astype(dt)
         return y
 
 
@@ -96,6 +106,7 @@ class Attention(_Projections):
         std = d**-0.5
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
         self.sliding_window = cfg.sliding_window
+        self.attention = cfg.attention  # kernel choice (jaxcl.models.attention)
         self.q = _param(rngs, (d, nq), ("embed", "heads"), param_dtype, std)
         self.k = _param(rngs, (d, nkv), ("embed", "kv_heads"), param_dtype, std)
         self.v = _param(rngs, (d, nkv), ("embed", "kv_heads"), param_dtype, std)
@@ -119,9 +130,8 @@ class Attention(_Projections):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         new_kv = None
         if kv is None:
-            window = None if self.sliding_window is None else (self.sliding_window - 1, 0)
-            out = jax.nn.dot_product_attention(
-                q, k, v, mask=mask, is_causal=True, local_window_size=window
+            out = causal_attention(
+                q, k, v, mask, window=self.sliding_window, impl=getattr(self, "attention", "auto")
             )
         else:
             k_cache, v_cache, index, cache_mask = kv
@@ -153,6 +163,9 @@ class SwiGLU(_Projections):
             self.down_bias = _zeros((d,), ("norm",), param_dtype)
 
     def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        demix = getattr(self, "demix", None)  # DEMix domain experts (jaxcl.models.demix)
+        if demix is not None:
+            return demix(x)
         hidden = jax.nn.silu(self.project(x, "gate", rng)) * self.project(x, "up", rng)
         return self.project(hidden, "down", rng)
 
@@ -247,10 +260,15 @@ class Decoder(nnx.Module):
         return x, (jnp.stack(new_k), jnp.stack(new_v)) if new_k else None
 
     def _logits(self, x: jax.Array) -> jax.Array:
+        return self.head(self.final_norm(x))
+
+    def head(self, hidden: jax.Array) -> jax.Array:
+        """Logits ``[..., vocab]`` (float32, accumulated in float32) of final-normed hidden
+        states ``[..., hidden]`` (:meth:`hidden_states`): the output projection alone, so a loss
+        can apply it to one chunk of the sequence at a time (:mod:`jaxcl.objectives.chunked`)."""
         cfg = self.config
-        x = self.final_norm(x)
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        return (x @ head.astype(x.dtype)).astype(jnp.float32)
+        return jnp.matmul(hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
 
     def _embed(self, input_ids: jax.Array) -> jax.Array:
         return jnp.take(self.embed[...], input_ids, axis=0).astype(jnp.dtype(self.config.dtype))
@@ -263,14 +281,37 @@ class Decoder(nnx.Module):
         *,
         dropout_rng: jax.Array | None = None,
     ) -> jax.Array:
+        return self.head(
+            self.hidden_states(input_ids, positions, segment_ids, dropout_rng=dropout_rng)
+        )
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        *,
+        dropout_rng: jax.Array | None = None,
+    ) -> jax.Array:
+        """Final-normed hidden states ``[batch, seq, hidden]`` (compute dtype), so that
+        ``model(x) == model.head(model.hidden_states(x))``. Changes to the forward pass belong
+        here: chunked losses call this and :meth:`head`, not ``__call__``."""
+        if getattr(self, "prompts", None) is not None:  # soft prompts (jaxcl.models.prompts)
+            return self.prompts(self, input_ids, positions, segment_ids, dropout_rng=dropout_rng)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
         mask = None
         if segment_ids is not None:
-            mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+            mask = SegmentMask(segment_ids)  # dense for XLA, ids for the fused kernels
         cos, sin = self._rope(positions)
+        if getattr(self, "sapt", None) is not None:  # block weights from the input (SAPT)
+            from jaxcl.models.sapt import routing
+
+            with routing(self, input_ids, segment_ids):
+                x, _ = self._layers(self._embed(input_ids), cos, sin, mask, rng=dropout_rng)
+            return self.final_norm(x)
         x, _ = self._layers(self._embed(input_ids), cos, sin, mask, rng=dropout_rng)
-        return self._logits(x)
+        return self.final_norm(x)
 
     def init_cache(self, batch: int, slots: int, dtype: Any = None) -> Cache:
         """Zeroed key/value caches ``{'k', 'v'}: [layers, batch, slots, kv_heads, head_dim]``."""
@@ -294,6 +335,10 @@ class Decoder(nnx.Module):
         ``j ≤ i`` (and ``i − j < sliding_window``). Returns ``(logits [batch, t, vocab],
         updated cache)``.
         """
+        if getattr(self, "prompts", None) is not None:  # no cache slots for virtual tokens
+            from jaxcl.models.prompts import refuse_prompts
+
+            refuse_prompts(self, "KV-cache generation (jaxcl.generate, generated metrics)")
         t, slots = input_ids.shape[1], slot_valid.shape[1]
         q_slot = index + jnp.arange(t)
         k_slot = jnp.arange(slots)
@@ -303,6 +348,12 @@ class Decoder(nnx.Module):
         cache_mask = slot_valid[:, None, None, :] & allowed[None, None]
         cos, sin = self._rope(positions)
         kv = (cache["k"], cache["v"], index, cache_mask)
+        if getattr(self, "sapt", None) is not None:  # the running max travels in the cache
+            from jaxcl.models.sapt import decode_routing
+
+            with decode_routing(self, input_ids, cache, slot_valid, index) as extra:
+                x, (k, v) = self._layers(self._embed(input_ids), cos, sin, None, kv)
+            return self._logits(x), {"k": k, "v": v, **extra}
         x, (k, v) = self._layers(self._embed(input_ids), cos, sin, None, kv)
         return self._logits(x), {"k": k, "v": v}
 

@@ -106,6 +106,7 @@ def from_pretrained(
     param_dtype: str | None = None,
     scan_layers: bool = False,
     remat: bool = False,
+    attention: str | None = None,
     seed: int = 0,
     abstract: bool = False,
 ) -> Decoder:
@@ -113,7 +114,8 @@ def from_pretrained(
 
     ``model(input_ids)`` returns float32 logits ``[batch, seq, vocab]``. ``dtype`` is the
     compute dtype, ``param_dtype`` the storage dtype (default float32). Shape presets get random
-    weights from ``seed``; ``abstract=True`` returns shapes only (``jax.ShapeDtypeStruct``
+    weights from ``seed``; ``attention`` the kernel (:mod:`jaxcl.models.attention`);
+    ``abstract=True`` returns shapes only (``jax.ShapeDtypeStruct``
     leaves, no memory: for planning a big model).
     """
     overrides: dict[str, Any] = {"scan_layers": scan_layers, "remat": remat}
@@ -121,6 +123,8 @@ def from_pretrained(
         overrides["dtype"] = dtype
     if param_dtype:
         overrides["param_dtype"] = param_dtype
+    if attention:
+        overrides["attention"] = attention
     kind, target = resolve(source)
     if kind == "preset":
         cfg = PRESETS[target].replace(**overrides)
@@ -148,8 +152,21 @@ def save_pretrained(
     parameters' dtype), bfloat16 or float16.
     """
     from jaxcl.models import lora
+    from jaxcl.models.sapt import refuse_export
 
+    refuse_export(model)  # SAPT's task blocks and their selection: no HF Llama holds them
+    if getattr(model, "prompts", None) is not None:  # no HF Llama holds virtual tokens
+        raise ValueError(
+            "save_pretrained: this model carries soft prompts (model.prompts), which a plain "
+            "HF Llama cannot hold and which would be dropped; keep it as a jaxcl checkpoint"
+        )
     cfg: ModelConfig = model.config
+    from jaxcl.models.experts import refuse_export
+
+    refuse_export(model)  # routed LoRA experts: not a plain Llama, never dropped silently
+    from jaxcl.models.demix import refuse_export as refuse_demix
+
+    refuse_demix(model)  # DEMix domain experts: one FFN per layer in HF, never dropped silently
     if lora.adapter_tasks(model):
         model = lora.merge(nnx.clone(model))
     params = unstack_layers(jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param))))

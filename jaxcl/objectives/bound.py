@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxcl.objectives.lm import causal_lm_loss, sequence_logps
+from jaxcl.objectives.chunked import DEFAULT_CHUNK, token_logps_of
 from jaxcl.objectives.preference import LENGTH_AVERAGED_KINDS, dpo_loss, preference_metrics
 
 Batch = dict[str, jax.Array]
@@ -41,30 +41,38 @@ class Objective:
     reference_checkpoint: str | None = None
     #: the names of the weighted terms, for logs
     terms: tuple[str, ...] = ()
+    #: sequence positions per logits chunk (:mod:`jaxcl.objectives.chunked`; 0: whole logits)
+    chunk: int = DEFAULT_CHUNK
 
     def scalar(self, frozen: dict[str, Any]) -> Callable[[Any, Batch], jax.Array]:
         """``loss(params, batch) -> scalar`` with ``frozen`` bound (for importance estimators)."""
         return lambda params, batch: self.loss_fn(params, batch, frozen)[0]
 
 
-def lm_objective(apply: Callable[..., jax.Array]) -> Objective:
-    """Masked causal-LM loss on ``batch = {tokens [B, L+1], loss_mask [B, L+1]}``."""
+def lm_objective(apply: Callable[..., jax.Array], chunk: int = DEFAULT_CHUNK) -> Objective:
+    """Masked causal-LM loss on ``batch = {tokens [B, L+1], loss_mask [B, L+1]}``:
+    ``L = −Σ m log p(y) / max(1, Σ m)``, its logits taken ``chunk`` positions at a time
+    (:mod:`jaxcl.objectives.chunked`; 0: whole)."""
 
     def loss_fn(params, batch: Batch, frozen) -> tuple[jax.Array, Metrics]:
         del frozen
         tokens = batch["tokens"]
-        logits = apply(params, row_inputs(batch))
-        loss = causal_lm_loss(logits, tokens[:, 1:], batch["loss_mask"][:, 1:])
+        mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
+        logps = token_logps_of(apply, params, row_inputs(batch), tokens[:, 1:], chunk)
+        loss = jnp.sum(-logps * mask) / jnp.maximum(jnp.sum(mask), 1.0)
         return loss, {"loss": loss}
 
-    return Objective(loss_fn)
+    return Objective(loss_fn, chunk=chunk)
 
 
-def pair_logps(apply, params, batch: Batch) -> tuple[jax.Array, jax.Array]:
+def pair_logps(
+    apply, params, batch: Batch, chunk: int = DEFAULT_CHUNK
+) -> tuple[jax.Array, jax.Array]:
     """Summed response log-probs of the chosen and rejected sequences, in one forward pass."""
     tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]], axis=0)
     mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)
-    logps = sequence_logps(apply(params, tokens[:, :-1]), tokens[:, 1:], mask[:, 1:])
+    logps = token_logps_of(apply, params, tokens[:, :-1], tokens[:, 1:], chunk)
+    logps = jnp.sum(logps * mask[:, 1:], axis=-1)
     half = batch["chosen_tokens"].shape[0]
     return logps[:half], logps[half:]
 

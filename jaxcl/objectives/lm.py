@@ -7,9 +7,17 @@ import jax.numpy as jnp
 
 
 def token_logps(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """``log p(targets[b, t] | ·)`` from ``logits [B, T, V]``: shape ``[B, T]``, float32."""
-    logps = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logps, targets[..., None], axis=-1)[..., 0]
+    """``log p(targets[b, t] | ·)`` from ``logits [B, T, V]``: shape ``[B, T]``, float32.
+
+    ``log p(y) = z_y − logsumexp_v z_v``: the target logit is picked by a one-hot select and
+    summed (elementwise, so it fuses into the reduction and its gradient is a select, where a
+    gather's is a scatter; a vocabulary-sharded ``V`` stays sharded), and no ``[B, T, V]``
+    log-softmax is materialised beside the logits. Equal to ``log_softmax(z)[y]`` up to float32
+    rounding (tests/test_loss_speed.py)."""
+    logits = logits.astype(jnp.float32)
+    vocab = jnp.arange(logits.shape[-1], dtype=targets.dtype)
+    picked = jnp.sum(jnp.where(targets[..., None] == vocab, logits, 0.0), axis=-1)
+    return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
 def sequence_logps(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> jax.Array:

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcl.objectives.chunked import DEFAULT_CHUNK, sequence_logps_chunked
 from jaxcl.objectives.lm import sequence_logps
 from jaxcl.objectives.terms import REF_KEYS
 
@@ -67,17 +68,21 @@ def resolve_checkpoint(path: str) -> tuple[Path, int]:
 # ----------------------------------------------------------------------------- precomputed
 
 
-def make_pair_logps_fn(apply: Callable[..., jax.Array]):
+def make_pair_logps_fn(apply: Callable[..., jax.Array], chunk: int = DEFAULT_CHUNK):
     """Jitted ``(params, batch) -> (chosen_logps [B], rejected_logps [B])``, summed over the
-    response (target) tokens, as the DPO term computes them."""
+    response (target) tokens, as the DPO term computes them (logits ``chunk`` positions at a
+    time when ``apply`` allows it: :mod:`jaxcl.objectives.chunked`)."""
 
     @jax.jit
     def pair_logps(params, batch):
         out = []
         for side in ("chosen", "rejected"):
             tokens, mask = batch[f"{side}_tokens"], batch[f"{side}_mask"]
-            logits = apply(params, tokens[:, :-1])
-            out.append(sequence_logps(logits, tokens[:, 1:], mask[:, 1:]))
+            out.append(
+                sequence_logps_chunked(
+                    apply, params, tokens[:, :-1], tokens[:, 1:], mask[:, 1:], chunk
+                )
+            )
         return tuple(out)
 
     return pair_logps

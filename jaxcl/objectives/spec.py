@@ -26,6 +26,7 @@ import pydantic
 from pydantic import BeforeValidator, Field
 
 from jaxcl.objectives.bound import Objective
+from jaxcl.objectives.chunked import DEFAULT_CHUNK
 from jaxcl.objectives.preference import DPO_KINDS, REFERENCE_FREE_KINDS
 from jaxcl.objectives.reference import checkpoint_problem
 from jaxcl.objectives.terms import (
@@ -252,6 +253,12 @@ def default_terms(stage_kind: str, dpo: DpoSpec) -> list[TermSpecBase]:
     return [LmTermSpec(name="lm")]
 
 
+def _auxiliary(method: Any) -> bool:
+    """Whether ``method``'s terms add to the stage's objective (the default ``lm``/``dpo`` kept)
+    rather than supply it (COPR): its ``auxiliary_terms`` class flag."""
+    return bool(getattr(method, "auxiliary_terms", False))
+
+
 def check_terms(
     stage_kind: str,
     terms: list[TermSpecBase],
@@ -265,7 +272,7 @@ def check_terms(
     added = 0
     for i, method in enumerate(methods):
         for term in method.objective_terms(reference):
-            added += 1
+            added += 0 if _auxiliary(method) else 1
             if term.pairs and stage_kind != "align":
                 raise ValueError(
                     f"methods[{i}] ({method.name}): its {term.name} term needs preference pairs; "
@@ -315,12 +322,16 @@ def compile_objective(
     dpo: DpoSpec,
     apply,
     methods: Sequence[Any] = (),
+    chunk: int = DEFAULT_CHUNK,
 ) -> Objective:
     """The stage's :class:`Objective`: its terms (or the kind's default, unless its ``methods``
-    add terms of their own) and its methods' terms, summed."""
+    add terms of their own) and its methods' terms, summed; ``chunk`` sequence positions per
+    logits chunk (:mod:`jaxcl.objectives.chunked`; 0: whole logits)."""
     reference = reference or ReferenceSpec()
     added = [t for m in methods for t in m.objective_terms(reference)]
-    specs = list(terms) if terms or added else default_terms(stage_kind, dpo)
+    # terms of methods that only add to the objective (L2P's key loss) keep the default
+    replacing = [m for m in methods if m.objective_terms(reference) and not _auxiliary(m)]
+    specs = list(terms) if terms or replacing else default_terms(stage_kind, dpo)
     built = [spec.build(reference) for spec in specs] + added
     uses_ref = any(t.uses_reference() for t in specs)
     precompute = ()
@@ -331,12 +342,20 @@ def compile_objective(
         if uses_ref and reference.resolved_source == "checkpoint"
         else None
     )
-    return compose_objective(apply, built, precompute=precompute, reference_checkpoint=checkpoint)
+    return compose_objective(
+        apply, built, precompute=precompute, reference_checkpoint=checkpoint, chunk=chunk
+    )
 
 
 def stage_objective(stage: Any, apply) -> Objective:
     """The objective of a ``StageSpec``: its ``terms`` (or its kind's default), its methods'
     terms and its reference."""
     return compile_objective(
-        stage.kind, stage.terms, stage.reference, stage.dpo, apply, stage.methods
+        stage.kind,
+        stage.terms,
+        stage.reference,
+        stage.dpo,
+        apply,
+        stage.methods,
+        getattr(stage, "loss_chunk", DEFAULT_CHUNK),
     )

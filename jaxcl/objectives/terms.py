@@ -31,6 +31,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxcl.objectives.bound import Batch, Metrics, Objective, row_inputs
+from jaxcl.objectives.chunked import (
+    DEFAULT_CHUNK,
+    can_chunk,
+    chunked_pair_stat,
+    chunked_token_stats,
+)
 from jaxcl.objectives.lm import token_logps
 from jaxcl.objectives.preference import (
     LENGTH_AVERAGED_KINDS,
@@ -55,10 +61,20 @@ SAMPLE_WEIGHT_KEY = "sample_weight"
 
 
 class Pass:
-    """One batch as every term sees it: the policy's logits once, frozen trees' on demand."""
+    """One batch as every term sees it: the policy's logits once, frozen trees' on demand.
 
-    def __init__(self, apply, params, batch: Batch, frozen: dict[str, Any]) -> None:
+    With ``chunk > 0`` and a model that exposes its hidden states and head
+    (:class:`~jaxcl.objectives.chunked.ModelApply`), per-token quantities (target log-probs,
+    KLs, mean logits) are computed over sequence chunks of ``chunk`` positions
+    (:mod:`jaxcl.objectives.chunked`): the whole ``[R, T, V]`` logits are never held, unless a
+    term asks for :meth:`logits` itself.
+    """
+
+    def __init__(
+        self, apply, params, batch: Batch, frozen: dict[str, Any], chunk: int = DEFAULT_CHUNK
+    ) -> None:
         self.apply, self.params, self.batch, self.frozen = apply, params, batch, frozen
+        self.chunk = chunk if can_chunk(apply) else 0
         self.pairs = "chosen_tokens" in batch
         if self.pairs:
             tokens = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]], axis=0)
@@ -70,28 +86,90 @@ class Pass:
         self.inputs, self.targets = row_inputs(batch, tokens), tokens[:, 1:]
         self.mask = mask[:, 1:].astype(jnp.float32)
         self._logits: dict[str, jax.Array] = {}
+        self._hidden: dict[str, jax.Array] = {}
         self._raw: dict[str, jax.Array] = {}
+        self._mean_logits: dict[str, jax.Array] = {}
+
+    def tree_params(self, tree: str = "policy") -> Any:
+        """The parameters of the policy or of frozen tree ``tree`` (gradient stopped)."""
+        if tree == "policy":
+            return self.params
+        if tree not in self.frozen:
+            raise KeyError(
+                f"objective: frozen tree {tree!r} was not supplied by the trainer "
+                f"(have {sorted(self.frozen)})"
+            )
+        return jax.lax.stop_gradient(self.frozen[tree])
 
     def logits(self, tree: str = "policy") -> jax.Array:
-        """``[R, T, V]`` logits of the policy or of frozen tree ``tree`` (no gradient)."""
+        """``[R, T, V]`` logits of the policy or of frozen tree ``tree`` (no gradient); whole,
+        even when chunking (prefer the per-token accessors)."""
         if tree not in self._logits:
-            if tree == "policy":
-                self._logits[tree] = self.apply(self.params, self.inputs)
+            if self.chunk:
+                out = self.apply.head(self.tree_params(tree), self.hidden(tree))
             else:
-                if tree not in self.frozen:
-                    raise KeyError(
-                        f"objective: frozen tree {tree!r} was not supplied by the trainer "
-                        f"(have {sorted(self.frozen)})"
-                    )
-                out = self.apply(self.frozen[tree], self.inputs)
-                self._logits[tree] = jax.lax.stop_gradient(out)
+                out = self.apply(self.tree_params(tree), self.inputs)
+            self._logits[tree] = out if tree == "policy" else jax.lax.stop_gradient(out)
         return self._logits[tree]
+
+    def hidden(self, tree: str = "policy") -> jax.Array:
+        """``[R, T, D]`` final-normed hidden states (chunked passes only)."""
+        if tree not in self._hidden:
+            out = self.apply.hidden(self.tree_params(tree), self.inputs)
+            self._hidden[tree] = out if tree == "policy" else jax.lax.stop_gradient(out)
+        return self._hidden[tree]
 
     def all_token_logps(self, tree: str = "policy") -> jax.Array:
         """``[R, T]`` log-probs of every target, trained or not (padding included)."""
         if tree not in self._raw:
-            self._raw[tree] = token_logps(self.logits(tree), self.targets)
+            if self.chunk and tree not in self._logits:
+                stats = chunked_token_stats(
+                    self.apply,
+                    self.tree_params(tree),
+                    self.hidden(tree),
+                    self.targets,
+                    self.chunk,
+                    mean_logits=tree == "policy",
+                )
+                self._mean_logits[tree] = stats.get("mean_logits")
+                self._raw[tree] = stats["logps"]
+            else:
+                self._raw[tree] = token_logps(self.logits(tree), self.targets)
         return self._raw[tree]
+
+    def mean_logits(self, tree: str = "policy") -> jax.Array:
+        """``[R, T]`` mean logit over the vocabulary at every position (a logged metric)."""
+        if self._mean_logits.get(tree) is None:
+            if self.chunk and tree not in self._logits:
+                stats = chunked_token_stats(
+                    self.apply,
+                    self.tree_params(tree),
+                    self.hidden(tree),
+                    self.targets,
+                    self.chunk,
+                    mean_logits=True,
+                )
+                self._mean_logits[tree] = stats["mean_logits"]
+            else:
+                self._mean_logits[tree] = jnp.mean(self.logits(tree).astype(jnp.float32), -1)
+        return self._mean_logits[tree]
+
+    def token_pair(
+        self, fn: Callable[[jax.Array, jax.Array], jax.Array], tree_a: str, tree_b: str
+    ) -> jax.Array:
+        """``fn(logits_a, logits_b) -> [R, T]`` of two trees' logits, position by position
+        (chunked when the pass is)."""
+        if self.chunk and not (tree_a in self._logits and tree_b in self._logits):
+            return chunked_pair_stat(
+                self.apply,
+                fn,
+                self.tree_params(tree_a),
+                self.hidden(tree_a),
+                self.tree_params(tree_b),
+                self.hidden(tree_b),
+                self.chunk,
+            )
+        return fn(self.logits(tree_a), self.logits(tree_b))
 
     def token_logps(self, tree: str = "policy") -> jax.Array:
         """``[R, T]`` log-probs of the targets (0 where the mask is 0)."""
@@ -210,9 +288,7 @@ def dpo_term(
             simpo_gamma=simpo_gamma,
         )
         metrics = preference_metrics(pol_c, pol_r, ref_c, ref_r, beta=beta)
-        logits = p.logits()
-        mean_logits = jnp.mean(logits.astype(jnp.float32), axis=-1)
-        lc, lr = p.split(mean_logits)
+        lc, lr = p.split(jax.lax.stop_gradient(p.mean_logits()))
         mc, mr = p.split(p.mask)
         metrics["logits/chosen"] = masked_mean(lc, mc)
         metrics["logits/rejected"] = masked_mean(lr, mr)
@@ -276,8 +352,10 @@ def kl_term(
         raise ValueError(f"kl: unknown direction {direction!r}; valid: reverse, forward")
 
     def fn(p: Pass) -> tuple[jax.Array, Metrics]:
-        pol, prev = p.logits(), p.logits(against)
-        kl = token_kl(pol, prev) if direction == "reverse" else token_kl(prev, pol)
+        if direction == "reverse":
+            kl = p.token_pair(token_kl, "policy", against)
+        else:
+            kl = p.token_pair(token_kl, against, "policy")
         return masked_mean(kl, p.mask), {}
 
     return Term("kl", weight, fn, (against,))
@@ -293,7 +371,10 @@ def distill_term(
     """LwF / knowledge distillation from a frozen teacher: masked mean of ``T² KL(p̃_T ‖ q_T)``."""
 
     def fn(p: Pass) -> tuple[jax.Array, Metrics]:
-        kl = distill_kl(p.logits(against), p.logits(), temperature=temperature, top_k=top_k)
+        def per_token(teacher: jax.Array, student: jax.Array) -> jax.Array:
+            return distill_kl(teacher, student, temperature=temperature, top_k=top_k)
+
+        kl = p.token_pair(per_token, against, "policy")
         return masked_mean(kl, p.mask), {}
 
     return Term("distill", weight, fn, (against,))
@@ -305,9 +386,11 @@ def compose_objective(
     *,
     precompute: tuple[str, ...] = (),
     reference_checkpoint: str | None = None,
+    chunk: int = DEFAULT_CHUNK,
 ) -> Objective:
     """One :class:`Objective` whose loss is ``Σ_k w_k L_k`` and whose ``frozen`` is the union of
-    the trees its terms read. A term of weight 0 is still computed and logged (not trained)."""
+    the trees its terms read. A term of weight 0 is still computed and logged (not trained).
+    ``chunk``: sequence positions per logits chunk (:class:`Pass`; 0: whole logits)."""
     terms = tuple(terms)
     if not terms:
         raise ValueError("an objective needs at least one term")
@@ -317,7 +400,7 @@ def compose_objective(
     frozen = tuple(dict.fromkeys(f for t in terms for f in t.frozen))
 
     def loss_fn(params, batch: Batch, frozen_trees) -> tuple[jax.Array, Metrics]:
-        p = Pass(apply, params, batch, frozen_trees)
+        p = Pass(apply, params, batch, frozen_trees, chunk)
         total = jnp.zeros((), jnp.float32)
         metrics: Metrics = {}
         for term in terms:
@@ -337,4 +420,5 @@ def compose_objective(
         precompute=precompute,
         reference_checkpoint=reference_checkpoint,
         terms=tuple(names),
+        chunk=chunk,
     )

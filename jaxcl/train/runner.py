@@ -21,7 +21,7 @@ import jax
 from rich.console import Console
 from rich.table import Table
 
-from jaxcl import checkpoint, parallel
+from jaxcl import checkpoint, compile_cache, parallel
 from jaxcl.eval.probes import probe_deltas
 from jaxcl.plan import given_steps, step_warnings
 from jaxcl.recipe import Recipe
@@ -242,11 +242,18 @@ def run_recipe(
     The run holds its folder throughout (:func:`claim_run_dir`): a second run into it is
     refused with a RunDirError naming the holder."""
     console = console or Console(quiet=not parallel.is_primary())
-    with claim_run_dir(Path(recipe.out_dir)):
-        return _run_claimed(recipe, console, overwrite)
+    with claim_run_dir(Path(recipe.out_dir)), compile_cache.CompileClock() as clock:
+        cache = compile_cache.resolve(recipe.compile_cache, recipe.out_dir)
+        return _run_claimed(recipe, console, overwrite, clock, compile_cache.enable(cache))
 
 
-def _run_claimed(recipe: Recipe, console: Console, overwrite: bool) -> dict[str, Any]:
+def _run_claimed(
+    recipe: Recipe,
+    console: Console,
+    overwrite: bool,
+    clock: compile_cache.CompileClock,
+    cache: Path | None,
+) -> dict[str, Any]:
     out = Path(recipe.out_dir)
     for warning in step_warnings(given_steps(recipe)):
         console.print(f"[yellow]warning:[/] {warning}")
@@ -277,6 +284,8 @@ def _run_claimed(recipe: Recipe, console: Console, overwrite: bool) -> dict[str,
         "recipe_sha256": recipe.fingerprint(),
         "stages": stages,
         "seconds": round(time.perf_counter() - started, 2),
+        # compilation inside that time; the persistent cache serves repeated shapes
+        "compile": dict(clock.summary(), cache_dir=None if cache is None else str(cache)),
     }
     if recipe.probes:
         # Cross-stage forgetting: probe suites before the first stage and after every stage.
@@ -285,5 +294,6 @@ def _run_claimed(recipe: Recipe, console: Console, overwrite: bool) -> dict[str,
         _print_probes(console, results["probes"])
     if parallel.is_primary():
         write_json(out / "results.json", results)
+    console.print(f"{clock.line()}; cache {cache or 'off'}")
     console.print(f"results: {out / 'results.json'}  ({results['seconds']}s)")
     return results

@@ -36,6 +36,7 @@ from jaxcl.methods.protocol import (
     EvalView,
     Hook,
     TaskInfo,
+    compose_eval_apply,
     compose_views,
     run_hooks,
     run_step_hooks,
@@ -93,6 +94,7 @@ class StageProgram:
     methods: list[Any]  # the stage's method specs (their estimates run at every task end)
     memory_owner: Any  # the method whose memory of finished tasks the stage keeps, or None
     schedule: Any = None  # step -> learning rate (logged as ``lr``)
+    scorer: Any = None  # a ModelScorer of the methods' eval_apply (None: the model's own)
 
     def new_memory(self, seed: int, n_tasks: int) -> ReplayBuffer | None:
         """The memory of finished tasks its owner (the first method keeping one) declares."""
@@ -131,6 +133,7 @@ def compile_stage(
         memory_per_task=compiled.memory_grads_per_task,
         accum_steps=stage.grad_accum,
         partition=(model.split, model.join) if model.lora is not None else None,
+        compute_dtype=recipe.model.compute_cast,
     )
     hooks = [
         *objective_hooks(objective),
@@ -139,6 +142,13 @@ def compile_stage(
         *compiled.hooks,
     ]
     views = [v for v in (m.eval_view() for m in stage.methods) if v is not None]
+    scoring = compose_eval_apply(stage.methods, ctx.apply)  # a mixture over experts (DEMix)
+    scorer = None
+    if scoring is not None:
+        from jaxcl.eval import make_batch_scorer
+        from jaxcl.eval.tasks import ModelScorer
+
+        scorer = ModelScorer(make_batch_scorer(scoring), ctx.graphdef, ctx.tokenizer)
     return StageProgram(
         tx,
         objective,
@@ -152,6 +162,7 @@ def compile_stage(
         list(stage.methods),
         next((m for m in stage.methods if m.new_memory(seed=0, n_tasks=1) is not None), None),
         schedule,
+        scorer,
     )
 
 
@@ -603,7 +614,9 @@ def run_stage(ctx, stage: StageSpec, params, parent: str | None, candidates=()) 
         a view (PackNet's masks, an EMA), else on the parameters as they are."""
         params = carry.state.params if carry is not None else None
         return [
-            evaluation.score(ctx.model_scorer, view(params, carry, i) if view else params)
+            evaluation.score(
+                program.scorer or ctx.model_scorer, view(params, carry, i) if view else params
+            )
             for i, evaluation in enumerate(eval_sets)
         ]
 

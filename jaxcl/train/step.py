@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -25,14 +26,11 @@ class TrainState(NamedTuple):
 def make_apply(graphdef: nnx.GraphDef) -> Callable[..., jax.Array]:
     """``apply(params, input_ids, **kw) -> logits``: the NNX model used as a pure function;
     ``input_ids`` may be a dict of ``input_ids``, ``positions`` and ``segment_ids`` (packed rows,
-    :func:`jaxcl.objectives.bound.row_inputs`)."""
+    :func:`jaxcl.objectives.bound.row_inputs`). It also has ``apply.hidden`` and ``apply.head``
+    (:class:`jaxcl.objectives.chunked.ModelApply`), for losses over chunks of the logits."""
+    from jaxcl.objectives.chunked import ModelApply
 
-    def apply(params: optax.Params, input_ids: Any, **kwargs: Any) -> jax.Array:
-        if isinstance(input_ids, dict):  # packed rows: ids with their positions and segments
-            return nnx.merge(graphdef, params)(**input_ids, **kwargs)
-        return nnx.merge(graphdef, params)(input_ids, **kwargs)
-
-    return apply
+    return ModelApply(graphdef)
 
 
 def make_train_step(
@@ -46,6 +44,7 @@ def make_train_step(
     memory_per_task: bool = False,
     accum_steps: int = 1,
     partition: tuple[Callable, Callable] | None = None,
+    compute_dtype: Any = None,
 ):
     """``step(state, batch, frozen, memory) -> (state, metrics)``, jitted, the state donated.
 
@@ -65,12 +64,21 @@ def make_train_step(
     With ``accum_steps > 1`` the batch is split into that many micro-batches whose gradients and
     metrics are averaged (each micro-batch's loss is its own mean, as in most LLM trainers).
     Metrics include the objective's, and the global gradient norm.
+    With ``compute_dtype`` (``bfloat16``) the parameters stay float32 master weights: each step
+    casts their floating leaves (and the frozen trees') to ``compute_dtype`` for the forward and
+    backward passes, and the gradients (the cast's transpose), their micro-batch sums, the
+    optimizer state and the updates stay float32 (``model.precision: bf16`` in a recipe).
     """
 
     split, join = partition or (lambda p: (p, {}), lambda t, f: t)
+    cast = functools.partial(cast_floats, dtype=compute_dtype)
 
     def partial_loss(trainable, fixed, batch: Batch, frozen: dict):
-        return loss_fn(join(trainable, fixed), batch, frozen)
+        if compute_dtype is None:
+            return loss_fn(join(trainable, fixed), batch, frozen)
+        # master weights: the float32 tree cast for the forward and backward passes; the cast's
+        # transpose brings each gradient back to float32 before accumulation and the optimizer
+        return loss_fn(cast(join(trainable, fixed)), batch, cast(frozen))
 
     value_and_grad = jax.value_and_grad(partial_loss, has_aux=True)
 
@@ -120,6 +128,18 @@ def make_train_step(
         out_shardings=(state_shardings, state_shardings.step),  # metrics: replicated
         donate_argnums=0,
     )
+
+
+def cast_floats(tree: Any, dtype: Any) -> Any:
+    """``tree`` with its floating-point leaves cast to ``dtype`` (others untouched)."""
+    if dtype is None:
+        return tree
+    dtype = jnp.dtype(dtype)
+
+    def one(x: Any) -> Any:
+        return x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x
+
+    return jax.tree.map(one, tree)
 
 
 def per_task_sharding(batch_sharding: Any) -> Any:
