@@ -265,6 +265,7 @@ class _Worker:
         import jaxcl
 
         self.label, self.spec, self.times = label, spec, []
+        self.stats: dict[str, Any] = {}
         root = str(Path(jaxcl.__file__).resolve().parents[1])
         env = dict(
             os.environ,
@@ -330,10 +331,11 @@ def bench(
 
     The rows of one dtype are started one after another (each compiles and warms up alone),
     then timed round-robin, one step of each per round, so a change of machine load hits them
-    all alike; each reports its own peak memory (peak RSS on CPU, the device's peak bytes in
-    use on an accelerator). ``peak_flops`` defaults to the device's dense bf16 peak
-    (:data:`PEAK_FLOPS`), none on CPU. torch runs ``threads`` threads (default: every core,
-    as XLA's CPU client does)."""
+    all alike; at most :data:`MAX_ALIVE` processes are alive at once (:func:`_groups`: each group
+    times the plain row beside its others); each reports its own peak memory (peak RSS on CPU,
+    the device's peak bytes in use on an accelerator). ``peak_flops`` defaults to the device's
+    dense bf16 peak (:data:`PEAK_FLOPS`), none on CPU. torch runs ``threads`` threads
+    (default: every core, as XLA's CPU client does)."""
     for dtype in dtypes:
         jaxcl_config(preset_name, dtype)  # bad names fail before any process starts
     method_specs(methods)  # every bad --method fails before any timing
@@ -354,45 +356,64 @@ def bench(
         ]
         if compare_torch:
             rows.append(("transformers+torch adamw", {"side": "torch", "hf_config": hf}))
-        workers: list[_Worker] = []
-        try:
-            for label, extra in rows:
-                if extra["side"] == "torch":
-                    platform = workers[0].ready["platform"]
-                    extra = dict(extra, threads=threads, cuda=platform == "gpu")
-                workers.append(_Worker(label, {**common, **extra, "dtype": dtype}))
-            if peak_flops is None:
-                peak_flops = default_peak_flops(workers[0].ready["device_kind"])
-            for _ in range(steps):
+        times: dict[str, list[float]] = {}
+        first: dict[str, _Worker] = {}
+        for group in _groups(rows):
+            workers: list[_Worker] = []
+            try:
+                for label, extra in group:
+                    if extra["side"] == "torch":
+                        platform = workers[0].ready["platform"]
+                        extra = dict(extra, threads=threads, cuda=platform == "gpu")
+                    workers.append(_Worker(label, {**common, **extra, "dtype": dtype}))
+                if peak_flops is None:
+                    peak_flops = default_peak_flops(workers[0].ready["device_kind"])
+                for _ in range(steps):
+                    for w in workers:
+                        # let the previous row's idle worker threads (XLA's pool, OpenMP) stop
+                        # spinning before this row's step starts: else they take its cores
+                        time.sleep(SETTLE_S)
+                        w.times += w.ask("run 1")["times"]
                 for w in workers:
-                    # let the previous row's idle worker threads (XLA's pool, OpenMP) stop
-                    # spinning before this row's step starts: else they take its cores
-                    time.sleep(SETTLE_S)
-                    w.times += w.ask("run 1")["times"]
-            for w in workers:
-                stats = w.ask("stats")
-                median = statistics.median(w.times)
-                mfu = 6 * n_params * tokens / median / peak_flops if peak_flops else None
-                timings.append(
-                    Timing(
-                        w.label,
-                        median,
-                        w.ready["first_step_s"],
-                        tokens / median,
-                        stats["peak_gib"],
-                        mfu,
-                        dtype,
-                        stats["memory_kind"],
-                    )
+                    w.stats = w.ask("stats")
+                    times.setdefault(w.label, []).extend(w.times)
+                    first.setdefault(w.label, w)
+            finally:
+                for w in workers:
+                    w.close()
+        for label, _ in rows:
+            w, median = first[label], statistics.median(times[label])
+            mfu = 6 * n_params * tokens / median / peak_flops if peak_flops else None
+            timings.append(
+                Timing(
+                    label,
+                    median,
+                    w.ready["first_step_s"],
+                    tokens / median,
+                    w.stats["peak_gib"],
+                    mfu,
+                    dtype,
+                    w.stats["memory_kind"],
                 )
-        finally:
-            for w in workers:
-                w.close()
+            )
     return timings
 
 
 #: pause between two rows' steps, seconds (spinning idle threads of the other process settle)
 SETTLE_S = 0.5
+#: rows alive at once (each holds a model, its optimizer state and compiled step in memory)
+MAX_ALIVE = 4
+
+
+def _groups(rows: list[tuple[str, dict]]) -> list[list[tuple[str, dict]]]:
+    """The rows in groups of at most :data:`MAX_ALIVE` processes alive at once, each group led
+    by the plain AdamW row (``rows[0]``, timed again in every group and its times pooled), so
+    every "vs plain" ratio is taken round-robin against a baseline timed beside it."""
+    rest = rows[1:]
+    size = MAX_ALIVE - 1
+    chunks = [rest[i : i + size] for i in range(0, len(rest), size)] or [[]]
+    return [[rows[0], *chunk] for chunk in chunks]
+
 
 HEADER = ["step", "dtype", "ms/step", "tokens/s", "first step s", "MFU", "vs plain", "vs torch"]
 

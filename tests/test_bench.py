@@ -69,3 +69,15 @@ def test_default_peaks_are_known_for_accelerators_only():
 def test_bench_cli_rejects_an_unknown_method(capsys):
     assert main(["bench", "--preset", "test-micro", "--method", "nope"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_rows_run_in_groups_led_by_the_plain_row():
+    """No more than MAX_ALIVE row processes at once, each group timing plain AdamW beside its
+    other rows, every row in exactly one group."""
+    from jaxcl import bench as B
+
+    rows = [("plain", {})] + [(f"m{i}", {}) for i in range(7)]
+    groups = B._groups(rows)
+    assert all(len(g) <= B.MAX_ALIVE and g[0][0] == "plain" for g in groups)
+    assert [r[0] for g in groups for r in g[1:]] == [f"m{i}" for i in range(7)]
+    assert B._groups(rows[:1]) == [rows[:1]]
