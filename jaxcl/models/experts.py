@@ -142,6 +142,12 @@ class MoELoRA(nnx.Module):
             y = add_aux_gradient(y, balance_loss(probs, active, self.top_k), self.aux_weight)
         return y
 
+    def branch(self, x: jax.Array, rng: jax.Array | None) -> jax.Array:
+        """What the experts add to their projection (:data:`jaxcl.models.llama.BRANCHES`); no
+        dropout, so ``rng`` is unused."""
+        del rng
+        return self(x)
+
 
 def _targets(model: nnx.Module, pattern: str):
     regex = re.compile(pattern)

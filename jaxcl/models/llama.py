@@ -25,6 +25,10 @@ from jaxcl.models.config import ModelConfig
 Cache = dict[str, jax.Array]
 # A stable index per projection, to fold into the LoRA dropout key.
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+#: attributes of a projection module that hold additive branches, one module per projection
+#: name, each with ``branch(x, rng) -> Δy``: LoRA banks (jaxcl.models.lora), routed LoRA experts
+#: (jaxcl.models.experts), SAPT's task blocks (jaxcl.models.sapt)
+BRANCHES = ("lora", "moe_lora", "sapt")
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], dtype, std: float):
@@ -75,7 +79,8 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 class _Projections(nnx.Module):
-    """Shared ``y = x·W (+ b) (+ Σ_task LoRA(x))`` for the attention and MLP blocks."""
+    """Shared ``y = x·W (+ b) + Σ_branches Δy(x)`` for the attention and MLP blocks: every
+    module under an attribute of :data:`BRANCHES` adds its ``branch(x, rng)``."""
 
     def project(self, x: jax.Array, name: str, rng: jax.Array | None) -> jax.Array:
         dt = x.dtype
@@ -83,19 +88,12 @@ class _Projections(nnx.Module):
         bias = getattr(self, name + "_bias", None)
         if bias is not None:
             y = y + bias[...].astype(dt)
-        lora = getattr(self, "lora", None)
-        if lora is not None and name in lora:
-            if rng is not None:
-                rng = jax.random.fold_in(rng, PROJECTIONS.index(name))
-            y = y + lora[name](x, rng).astype(dt)
-        experts = getattr(self, "moe_lora", None)  # routed LoRA experts (jaxcl.models.experts)
-        if experts is not None and name in experts:
-            y = y + experts[name](x).astype(dt)
-        sapt = getattr(self, "sapt", None)  # SAPT's task blocks (jaxcl.models.sapt)
-        if sapt is not None and name in sapt:
-            from jaxcl.models.sapt import block_weights
-
-            y = y + sapt[name](x, block_weights()).astype(dt)
+        if rng is not None:
+            rng = jax.random.fold_in(rng, PROJECTIONS.index(name))
+        for attr in BRANCHES:
+            banks = getattr(self, attr, None)
+            if banks is not None and name in banks:
+                y = y + banks[name].branch(x, rng).astype(dt)
         return y
 
 

@@ -105,6 +105,10 @@ class LoRABank(nnx.Module):
             out = out + pair(x, None if rng is None else jax.random.fold_in(rng, i))
         return out
 
+    def branch(self, x: jax.Array, rng: jax.Array | None) -> jax.Array:
+        """What the bank adds to its projection (:data:`jaxcl.models.llama.BRANCHES`)."""
+        return self(x, rng)
+
 
 def _targets(model: nnx.Module, pattern: str):
     """``(path, module, projection)`` for every projection whose path matches ``pattern``."""

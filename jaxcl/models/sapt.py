@@ -155,6 +155,12 @@ class SaptBank(nnx.Module):
         h = jnp.einsum("...i,nir->...nr", x, a) * weights.astype(x.dtype)[..., None]
         return (h.reshape(*h.shape[:-2], n * r) @ b.reshape(n * r, -1)) * self.scale
 
+    def branch(self, x: jax.Array, rng: jax.Array | None) -> jax.Array:
+        """What the blocks add to their projection (:data:`jaxcl.models.llama.BRANCHES`), under
+        the block weights of the forward pass in progress (:func:`block_weights`)."""
+        del rng
+        return self(x, block_weights())
+
 
 class SaptRouter(nnx.Module):
     """The shared attentive selection module and the reflection memory."""
