@@ -150,3 +150,22 @@ def test_save_pretrained_exports_merged_weights(tmp_path):
     save_pretrained(model, tmp_path)
     assert lora.adapter_tasks(model) == ["t0"]  # the model itself keeps its adapters
     np.testing.assert_allclose(_fwd(from_pretrained(tmp_path)), _fwd(model), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("targets", [["q", "zz"], "(unclosed"])
+def test_adapter_targets_are_checked_alike(targets):
+    """LoRA, MoE-LoRA and SAPT specs share one targets check: unknown projections and a bad
+    regular expression are refused naming the value, at validation."""
+    import pydantic
+
+    from jaxcl.models.experts import MoELoraGrowth
+    from jaxcl.models.sapt import SaptModelSpec
+    from jaxcl.models.spec import LoraSpec
+
+    for spec, extra in (
+        (LoraSpec, {}),
+        (MoELoraGrowth, {"experts": 2}),
+        (SaptModelSpec, {"tasks": 2}),
+    ):
+        with pytest.raises(pydantic.ValidationError, match="zz|not a regular expression"):
+            spec(targets=targets, **extra)

@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 from pydantic import Field, field_validator, model_validator
 
-from jaxcl.models.llama import PROJECTIONS, Attention, SwiGLU
+from jaxcl.models.llama import PROJECTIONS, Attention, SwiGLU, check_targets
 from jaxcl.spec import Strict
 
 #: the attribute of an Attention / SwiGLU module that holds its routed experts
@@ -260,13 +260,7 @@ class MoELoraGrowth(Strict):
     @field_validator("targets")
     @classmethod
     def _projections(cls, value: list[str] | str) -> list[str] | str:
-        if isinstance(value, list):
-            unknown = [t for t in value if t not in PROJECTIONS]
-            if unknown or not value:
-                raise ValueError(
-                    f"unknown projections {unknown}; valid choices: {', '.join(PROJECTIONS)}"
-                )
-        return value
+        return check_targets(value)
 
     @model_validator(mode="after")
     def _top_k_fits(self) -> MoELoraGrowth:

@@ -12,6 +12,7 @@ on GPU or Pallas splash on TPU, per the config's ``attention`` field (decode: al
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
@@ -25,6 +26,24 @@ from jaxcl.models.config import ModelConfig
 Cache = dict[str, jax.Array]
 # A stable index per projection, to fold into the LoRA dropout key.
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def check_targets(value: list[str] | str) -> list[str] | str:
+    """A ``targets`` field of an adapter spec (LoRA, MoE-LoRA, SAPT): projection names from
+    :data:`PROJECTIONS`, or a regular expression over parameter paths (``ValueError`` naming
+    the unknown projections or the bad expression)."""
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise ValueError(f"not a regular expression: {value!r} ({err})") from None
+        return value
+    unknown = [t for t in value if t not in PROJECTIONS]
+    if unknown or not value:
+        raise ValueError(f"unknown projections {unknown}; valid choices: {', '.join(PROJECTIONS)}")
+    return value
+
+
 #: attributes of a projection module that hold additive branches, one module per projection
 #: name, each with ``branch(x, rng) -> Δy``: LoRA banks (jaxcl.models.lora), routed LoRA experts
 #: (jaxcl.models.experts), SAPT's task blocks (jaxcl.models.sapt)

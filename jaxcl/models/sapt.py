@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -101,17 +100,9 @@ class SaptModelSpec(Strict):
     @pydantic.field_validator("targets")
     @classmethod
     def _projections(cls, value: list[str] | str) -> list[str] | str:
-        from jaxcl.models.llama import PROJECTIONS
+        from jaxcl.models.llama import check_targets
 
-        if isinstance(value, list):
-            unknown = [t for t in value if t not in PROJECTIONS]
-            if unknown or not value:
-                raise ValueError(
-                    f"unknown projections {unknown}; valid choices: {', '.join(PROJECTIONS)}"
-                )
-        else:
-            re.compile(value)
-        return value
+        return check_targets(value)
 
     def config(self) -> SaptConfig:
         targets = self.targets if isinstance(self.targets, str) else tuple(self.targets)

@@ -243,15 +243,9 @@ class LoraSpec(Strict):
     @pydantic.field_validator("targets")
     @classmethod
     def _projections(cls, value: list[str] | str) -> list[str] | str:
-        from jaxcl.models.llama import PROJECTIONS
+        from jaxcl.models.llama import check_targets
 
-        if isinstance(value, list):
-            unknown = [t for t in value if t not in PROJECTIONS]
-            if unknown or not value:
-                raise ValueError(
-                    f"unknown projections {unknown}; valid choices: {', '.join(PROJECTIONS)}"
-                )
-        return value
+        return check_targets(value)
 
     def config(self) -> Any:
         from jaxcl.models.lora import LoRAConfig
