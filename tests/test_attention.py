@@ -1,9 +1,10 @@
 """Attention kernel selection (jaxcl.models.attention): the choice as a pure function of backend,
-dtype, shapes, mask and window; the XLA path unchanged; the splash kernel (Pallas interpreter on
+dtype, shapes, mask and window; the XLA path equal to jax.nn.dot_product_attention; the splash kernel (Pallas interpreter on
 CPU) and the cuDNN path (lowered for CUDA from this CPU) against a float64 numpy oracle / XLA."""
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
@@ -113,25 +114,62 @@ def _segments(b=2, t=128):
     return ids
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("window", [None, 16])
 @pytest.mark.parametrize("packed", [False, True])
-def test_xla_path_is_todays_call_bit_for_bit(window, packed):
-    q, k, v = _qkv()
+def test_xla_path_equals_jax_dot_product_attention(window, packed, dtype):
+    """The head-major XLA path computes jax.nn.dot_product_attention's function: outputs and
+    q/k/v gradients within 1e-5 relative in float32 (bit for bit in bf16), and the float64
+    numpy reference."""
+    q, k, v = _qkv(dtype=dtype)
     seg = _segments() if packed else None
     dense = None if seg is None else jnp.asarray(seg[:, None, :, None] == seg[:, None, None, :])
-    today = jax.nn.dot_product_attention(
-        q,
-        k,
-        v,
-        mask=dense,
-        is_causal=True,
-        local_window_size=None if window is None else (window - 1, 0),
-    )
+
+    def jax_nn(q, k, v):
+        return jax.nn.dot_product_attention(
+            q,
+            k,
+            v,
+            mask=dense,
+            is_causal=True,
+            local_window_size=None if window is None else (window - 1, 0),
+        )
+
     mask = None if seg is None else SegmentMask(jnp.asarray(seg))
+
+    def loss(f):
+        return lambda *qkv: jnp.sum(jnp.sin(f(*qkv).astype(jnp.float32)))
+
+    want = jax_nn(q, k, v)
+    want_grads = jax.grad(loss(jax_nn), argnums=(0, 1, 2))(q, k, v)
     for impl in ("xla", "auto"):  # on CPU auto is XLA
-        out = causal_attention(q, k, v, mask, window=window, impl=impl)
-        np.testing.assert_array_equal(np.asarray(out), np.asarray(today))
-    np.testing.assert_allclose(out, reference_attention(q, k, v, seg, window), atol=2e-6)
+        path = functools.partial(causal_attention, mask=mask, window=window, impl=impl)
+        got, grads = path(q, k, v), jax.grad(loss(path), argnums=(0, 1, 2))(q, k, v)
+        if dtype == jnp.bfloat16:
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+            for g, w in zip(grads, want_grads):
+                np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+            continue
+        scale = float(np.abs(want).max())
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale)
+        for g, w in zip(grads, want_grads):
+            np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * float(np.abs(w).max()))
+    if dtype == jnp.float32:
+        np.testing.assert_allclose(got, reference_attention(q, k, v, seg, window), atol=2e-6)
+
+
+def test_xla_path_takes_a_per_head_dense_mask():
+    """A boolean mask with a head axis of N (as broadcastable to [B, N, T, S]) masks each query
+    head on its own, as jax.nn.dot_product_attention does; another head count is refused."""
+    q, k, v = _qkv(t=32)
+    rng = np.random.default_rng(3)
+    dense = rng.random((2, 4, 32, 32)) < 0.7
+    dense |= np.eye(32, dtype=bool)  # every query keeps itself
+    want = jax.nn.dot_product_attention(q, k, v, mask=jnp.asarray(dense), is_causal=True)
+    got = causal_attention(q, k, v, jnp.asarray(dense), impl="xla")
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    with pytest.raises(ValueError, match="head axis must be 1 or 4"):
+        causal_attention(q, k, v, jnp.asarray(dense[:, :3]), impl="xla")
 
 
 def test_auto_fallback_is_logged_once_on_an_accelerator(monkeypatch, caplog):

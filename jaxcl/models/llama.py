@@ -22,6 +22,7 @@ from flax import nnx
 
 from jaxcl.models.attention import SegmentMask, causal_attention
 from jaxcl.models.config import ModelConfig
+from jaxcl.models.matmul import linear
 
 Cache = dict[str, jax.Array]
 # A stable index per projection, to fold into the LoRA dropout key.
@@ -89,12 +90,50 @@ def rope_tables(
     return jnp.cos(angles), jnp.sin(angles)
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate ``x [batch, seq, heads, head_dim]``: ``x·cos + rotate_half(x)·sin``."""
+def _rotate_half(x: jax.Array) -> jax.Array:
+    """``R·x = [−x₂, x₁]`` for ``x = [x₁, x₂]`` split at the middle of the last axis."""
     half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def _rotate_half_transposed(x: jax.Array) -> jax.Array:
+    """``Rᵀ·x = [x₂, −x₁]``."""
+    half = x.shape[-1] // 2
+    return jnp.concatenate([x[..., half:], -x[..., :half]], axis=-1)
+
+
+def _rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+    x32 = x.astype(jnp.float32)
+    return (x32 * cos + _rotate_half(x32) * sin).astype(x.dtype)
+
+
+@jax.custom_vjp
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate ``x [batch, seq, heads, head_dim]``: ``x·cos + rotate_half(x)·sin``, in float32.
+
+    The backward pass is written out, ``∂x = g·cos + Rᵀ(g·sin)`` (``R`` = rotate_half, a signed
+    permutation): autodiff's version of the slices and the concatenation, fused with the
+    attention's layout changes, cost XLA:CPU a few ms per layer in bf16 (docs/performance.md).
+    """
+    return _rope(x, cos, sin)
+
+
+def _rope_fwd(x, cos, sin):
+    return _rope(x, cos, sin), (x, cos, sin)
+
+
+def _rope_bwd(residuals, g):
+    x, cos, sin = residuals
+    g32, x32 = g.astype(jnp.float32), x.astype(jnp.float32)
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    dx = (g32 * c + _rotate_half_transposed(g32 * s)).astype(x.dtype)
+    dcos = jnp.sum(g32 * x32, axis=2).astype(cos.dtype)  # dropped by XLA unless used
+    dsin = jnp.sum(g32 * _rotate_half(x32), axis=2).astype(sin.dtype)
+    return dx, dcos, dsin
+
+
+apply_rope.defvjp(_rope_fwd, _rope_bwd)
 
 
 class _Projections(nnx.Module):
@@ -103,7 +142,7 @@ class _Projections(nnx.Module):
 
     def project(self, x: jax.Array, name: str, rng: jax.Array | None) -> jax.Array:
         dt = x.dtype
-        y = x @ getattr(self, name)[...].astype(dt)
+        y = linear(x, getattr(self, name)[...])
         bias = getattr(self, name + "_bias", None)
         if bias is not None:
             y = y + bias[...].astype(dt)
