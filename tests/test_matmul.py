@@ -2,6 +2,8 @@
 against independent oracles: numpy in float64 for the projection and the rotation, and
 transformers + torch for the gradient of every parameter of a whole model."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,11 +37,17 @@ def _vjp(fn, *args):
     return y, pullback
 
 
-def test_linear_float32_matches_numpy_float64():
+@pytest.mark.parametrize("transposed", [False, True])
+def test_linear_float32_matches_numpy_float64(transposed):
+    """``x·w`` and, ``transposed`` (a tied output head), ``x·wᵀ`` with ``w [f, d]``."""
     x, w, g = _arrays((3, 17, 24), (24, 40), (3, 17, 40))
-    y, pullback = _vjp(jax.jit(linear), jnp.asarray(x), jnp.asarray(w))
+    stored = w.T.copy() if transposed else w
+    fn = jax.jit(lambda x, w: linear(x, w, transposed=transposed))
+    y, pullback = _vjp(fn, jnp.asarray(x), jnp.asarray(stored))
     dx, dw = pullback(jnp.asarray(g))
     want_y, want_dx, want_dw = _numpy_linear_grads(x, w, g)
+    if transposed:
+        want_dw = want_dw.T
     for got, want in ((y, want_y), (dx, want_dx), (dw, want_dw)):
         np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5 * np.abs(want).max())
     assert y.dtype == dx.dtype == dw.dtype == jnp.float32
@@ -79,6 +87,26 @@ def _dot_shapes(jaxpr) -> list[tuple[int, ...]]:
             if inner is not None:
                 shapes += _dot_shapes(getattr(inner, "jaxpr", inner))
     return shapes
+
+
+def test_linear_output_head_in_bf16_returns_float32_logits():
+    """The output head's call: bf16 hidden states, a float32 tied table ``[V, d]``, float32
+    logits equal to the float64 product of the bf16-rounded operands; its gradient reaches
+    ``x`` in bf16 and the table in float32."""
+    x, table, g = _arrays((2, 9, 32), (50, 32), (2, 9, 50), seed=4)
+    xb = jnp.asarray(x, jnp.bfloat16)
+    fn = functools.partial(linear, transposed=True, out_dtype=jnp.float32)
+    y, pullback = jax.vjp(fn, xb, jnp.asarray(table))
+    dx, dtable = pullback(jnp.asarray(g))
+    table_r = np.asarray(jnp.asarray(table, jnp.bfloat16), np.float64)
+    want = np.asarray(xb, np.float64) @ table_r.T
+    assert y.dtype == jnp.float32 and dx.dtype == jnp.bfloat16 and dtable.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y), want, rtol=0, atol=1e-5 * np.abs(want).max())
+    g_r = np.asarray(jnp.asarray(g, jnp.bfloat16), np.float64)  # the compute dtype's g
+    want_dtable = g_r.reshape(-1, 50).T @ np.asarray(xb, np.float64).reshape(-1, 32)
+    np.testing.assert_allclose(
+        np.asarray(dtable), want_dtable, rtol=0, atol=1e-5 * np.abs(want_dtable).max()
+    )
 
 
 def test_linear_forms_no_weight_gradient_for_a_frozen_weight():

@@ -322,9 +322,9 @@ class Decoder(nnx.Module):
         """Logits ``[..., vocab]`` (float32, accumulated in float32) of final-normed hidden
         states ``[..., hidden]`` (:meth:`hidden_states`): the output projection alone, so a loss
         can apply it to one chunk of the sequence at a time (:mod:`jaxcl.objectives.chunked`)."""
-        cfg = self.config
-        head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        return jnp.matmul(hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+        if self.config.tie_embeddings:
+            return linear(hidden, self.embed[...], transposed=True, out_dtype=jnp.float32)
+        return linear(hidden, self.lm_head[...], out_dtype=jnp.float32)
 
     def _embed(self, input_ids: jax.Array) -> jax.Array:
         return jnp.take(self.embed[...], input_ids, axis=0).astype(jnp.dtype(self.config.dtype))

@@ -27,6 +27,9 @@ Values and gradients equal the plain formulation's within float32 rounding
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -37,37 +40,62 @@ def _separate_transposes() -> bool:
     return jax.default_backend() == "cpu"
 
 
-@jax.custom_vjp
-def linear(x: jax.Array, w: jax.Array) -> jax.Array:
-    """``x [..., d] · w [d, f] → [..., f]`` in ``x``'s dtype, accumulated in float32 (``w`` is
-    cast to ``x``'s dtype first, as mixed precision does)."""
-    return jnp.matmul(x, w.astype(x.dtype), preferred_element_type=_F32).astype(x.dtype)
+def linear(
+    x: jax.Array, w: jax.Array, *, transposed: bool = False, out_dtype: Any = None
+) -> jax.Array:
+    """``x [..., d] · w [d, f] → [..., f]`` (``transposed``: ``w [f, d]``, ``x·wᵀ``, e.g. a tied
+    embedding as the output head) in ``x``'s dtype, accumulated in float32 and returned in
+    ``out_dtype`` (default ``x``'s dtype). ``w`` is cast to ``x``'s dtype first, as mixed
+    precision does; in the backward pass ``g`` is cast to it too, so both gradient dots run in
+    the compute dtype (as under ``torch.autocast``)."""
+    out = jnp.dtype(out_dtype or x.dtype)
+    return _linear(x, w, bool(transposed), out)
 
 
-def _linear_fwd(x, w):
+def _w_axes(transposed: bool) -> tuple[int, int]:
+    """``(input axis, output axis)`` of the weight."""
+    return (1, 0) if transposed else (0, 1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _linear(x: jax.Array, w: jax.Array, transposed: bool, out_dtype: Any) -> jax.Array:
+    w_in, _ = _w_axes(transposed)
+    dims = (((x.ndim - 1,), (w_in,)), ((), ()))
+    y = jax.lax.dot_general(x, w.astype(x.dtype), dims, preferred_element_type=_F32)
+    return y.astype(out_dtype)
+
+
+def _linear_fwd(x, w, transposed, out_dtype):
     # symbolic zeros: each primal comes with ``perturbed``, whether anything differentiates it
     # (a frozen base weight under LoRA is not: its gradient dot is then never formed)
     perturbed = (x.perturbed, w.perturbed)
     x, w = x.value, w.value
-    return linear(x, w), (x, w, perturbed)
+    return _linear(x, w, transposed, out_dtype), (x, w, perturbed)
 
 
-def _linear_bwd(residuals, g: jax.Array):
+def _linear_bwd(transposed, out_dtype, residuals, g):
     x, w, (x_perturbed, w_perturbed) = residuals
     if isinstance(g, jax.custom_derivatives.SymbolicZero):
         return None, None
+    g = g.astype(x.dtype)
     if _separate_transposes() and w_perturbed:
         g = jax.lax.optimization_barrier(g)
+    _, w_out = _w_axes(transposed)
     dx = None
     if x_perturbed:
-        dx = jnp.matmul(g, w.astype(g.dtype).T, preferred_element_type=_F32).astype(x.dtype)
+        dims = (((g.ndim - 1,), (w_out,)), ((), ()))
+        dx = jax.lax.dot_general(g, w.astype(x.dtype), dims, preferred_element_type=_F32)
+        dx = dx.astype(x.dtype)
     if not w_perturbed:
         return dx, None
     tokens_x = x.reshape(-1, x.shape[-1])
-    tokens_g = g.reshape(-1, g.shape[-1]).astype(x.dtype)
+    tokens_g = g.reshape(-1, g.shape[-1])
     contract_tokens = (((0,), (0,)), ((), ()))
-    dw = jax.lax.dot_general(tokens_x, tokens_g, contract_tokens, preferred_element_type=_F32)
+    if transposed:  # [f, d]
+        dw = jax.lax.dot_general(tokens_g, tokens_x, contract_tokens, preferred_element_type=_F32)
+    else:  # [d, f]
+        dw = jax.lax.dot_general(tokens_x, tokens_g, contract_tokens, preferred_element_type=_F32)
     return dx, dw.astype(w.dtype)
 
 
-linear.defvjp(_linear_fwd, _linear_bwd, symbolic_zeros=True)
+_linear.defvjp(_linear_fwd, _linear_bwd, symbolic_zeros=True)
