@@ -326,16 +326,61 @@ def xla_attention(
     groups = n // kv_heads
     q_heads = q.reshape(b, t, kv_heads, groups, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
     k_heads, v_heads = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
-    logits = jnp.einsum(
-        "bkgth,bksh->bkgts", q_heads, k_heads, preferred_element_type=jnp.float32
-    ) * jnp.float32(h**-0.5)
     allowed = _causal_allowed(t, s, window)[None, None, None]
     if mask is not None:
         allowed = allowed & _grouped_mask(mask, b, kv_heads, groups, t, s)
-    logits = jnp.where(allowed, logits, _LARGE_NEGATIVE)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksh->bkgth", probs, v_heads, preferred_element_type=jnp.float32)
-    return out.astype(v.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+    out = _attend(q_heads, k_heads, v_heads, allowed)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+def _probs(q, k, allowed) -> tuple[jax.Array, jax.Array]:
+    """``(softmax probabilities [B,K,G,T,S], log-sum-exp [B,K,G,T])`` in float32, masked
+    logits at :data:`_LARGE_NEGATIVE` as ``jax.nn.softmax`` of ``jax.nn.dot_product_attention``
+    sees them."""
+    logits = jnp.einsum("bkgth,bksh->bkgts", q, k, preferred_element_type=jnp.float32)
+    logits = jnp.where(allowed, logits * jnp.float32(q.shape[-1] ** -0.5), _LARGE_NEGATIVE)
+    peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    unnormalized = jnp.exp(logits - peak)
+    total = jnp.sum(unnormalized, axis=-1, keepdims=True)
+    return unnormalized / total, (peak + jnp.log(total))[..., 0]
+
+
+@jax.custom_vjp
+def _attend(q, k, v, allowed):
+    """``softmax(q·kᵀ/√H | allowed)·v`` head-major: ``q [B,K,G,T,H]``, ``k, v [B,K,S,H]``."""
+    probs, _ = _probs(q, k, allowed)
+    out = jnp.einsum("bkgts,bksh->bkgth", probs.astype(v.dtype), v, preferred_element_type=_F32)
+    return out.astype(v.dtype)
+
+
+def _attend_fwd(q, k, v, allowed):
+    probs, lse = _probs(q, k, allowed)
+    out = jnp.einsum("bkgts,bksh->bkgth", probs.astype(v.dtype), v, preferred_element_type=_F32)
+    return out.astype(v.dtype), (q, k, v, allowed, lse)
+
+
+def _attend_bwd(residuals, g):
+    """Recompute the probabilities from ``q, k`` and the saved log-sum-exp (as flash attention
+    does) instead of keeping a ``[T, S]`` float32 array per layer for the backward pass:
+
+        P = exp(s − lse),  dV = Pᵀ·dO,  dP = dO·Vᵀ,  dS = P ⊙ (dP − Σ_S P ⊙ dP),
+        dQ = dS·K/√H,  dK = dSᵀ·Q/√H.
+    """
+    q, k, v, allowed, lse = residuals
+    logits = jnp.einsum("bkgth,bksh->bkgts", q, k, preferred_element_type=_F32)
+    logits = jnp.where(allowed, logits * jnp.float32(q.shape[-1] ** -0.5), _LARGE_NEGATIVE)
+    probs = jnp.exp(logits - lse[..., None])
+    dv = jnp.einsum("bkgts,bkgth->bksh", probs.astype(g.dtype), g, preferred_element_type=_F32)
+    dprobs = jnp.einsum("bkgth,bksh->bkgts", g, v, preferred_element_type=_F32)
+    dlogits = probs * (dprobs - jnp.sum(probs * dprobs, axis=-1, keepdims=True))
+    dlogits = dlogits * jnp.float32(q.shape[-1] ** -0.5)  # float32, as autodiff keeps it
+    dq = jnp.einsum("bkgts,bksh->bkgth", dlogits, k.astype(_F32))
+    dk = jnp.einsum("bkgts,bkgth->bksh", dlogits, q.astype(_F32))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+_F32 = jnp.float32
 
 
 # jax.nn.dot_product_attention's masked logit (jax._src.nn.functions._get_large_negative)
