@@ -12,7 +12,7 @@ import torch
 import transformers
 from flax import nnx
 
-from jaxcl.models import from_pretrained
+from jaxcl.models import from_pretrained, matmul
 from jaxcl.models.hf import param_map
 from jaxcl.models.llama import apply_rope, rope_tables
 from jaxcl.models.matmul import linear
@@ -51,6 +51,31 @@ def test_linear_float32_matches_numpy_float64(transposed):
     for got, want in ((y, want_y), (dx, want_dx), (dw, want_dw)):
         np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5 * np.abs(want).max())
     assert y.dtype == dx.dtype == dw.dtype == jnp.float32
+
+
+@pytest.fixture(params=["cpu", "other"])
+def backend_path(request, monkeypatch):
+    """Both weight-gradient paths on this CPU: XLA:CPU's (barrier / gather transpose) and the
+    plain transposed dot other backends get."""
+    if request.param == "other":
+        monkeypatch.setattr(matmul, "_separate_transposes", lambda: False)
+    return request.param
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_linear_bf16_weight_gradient_on_each_path(backend_path, transposed):
+    """bf16 compute, float32 weight: ``∂W`` equals the float64 product of the bf16 operands
+    within float32 rounding on either path, stored or transposed."""
+    x, w, g = _arrays((4, 24, 40), (40, 56), (4, 24, 56), seed=5)
+    xb, gb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(g, jnp.bfloat16)
+    stored = w.T.copy() if transposed else w
+    fn = jax.jit(lambda x, w: linear(x, w, transposed=transposed))
+    _, pullback = jax.vjp(fn, xb, jnp.asarray(stored))
+    dx, dw = pullback(gb)
+    want = np.asarray(xb, np.float64).reshape(-1, 40).T @ np.asarray(gb, np.float64).reshape(-1, 56)
+    want = want.T if transposed else want
+    assert dw.dtype == jnp.float32 and dx.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(dw), want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
 def test_linear_bf16_rounds_once_and_keeps_a_float32_weight_gradient():

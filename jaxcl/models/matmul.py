@@ -6,20 +6,25 @@
     ∂L/∂x = g · Wᵀ            (float32 accumulation, rounded to x's dtype)
     ∂L/∂W = Σ_tokens xᵀ · g    (float32 accumulation, in W's own dtype)
 
-where ``g = ∂L/∂y``. Two things differ from what ``jax.grad`` of ``x @ w.astype(x.dtype)`` emits,
-both found by profiling the train step on XLA:CPU (docs/performance.md):
+where ``g = ∂L/∂y`` (cast to the compute dtype, ``x``'s, as under ``torch.autocast``). With
+``transposed=True`` the weight is stored ``[f, d]`` (a tied embedding used as the output head).
+What differs from what ``jax.grad`` of ``x @ w.astype(x.dtype)`` emits was found by profiling
+the train step on XLA:CPU (docs/performance.md):
 
 - **float32 results from bf16 operands.** XLA:CPU runs a bf16 × bf16 dot with a bf16 result
-  about 2.5× slower than the same dot with a float32 result (the bf16 result is not taken by its
-  YNNPACK kernels); every backend accumulates in float32 either way, so asking for the float32
-  result and rounding once gives the same numbers, faster. ``∂L/∂W`` stays float32 for float32
-  master weights (autodiff would round it to bf16 first, then widen it).
-- **the weight gradient's transpose stays a copy of its own (CPU only).** The weight-gradient
-  dot contracts over tokens, the major axis of both operands, so XLA transposes ``g``; on CPU it
-  fuses that transpose into the elementwise op that produced ``g`` (e.g. the SwiGLU's gradient),
+  about 2.5× slower than the same dot with a float32 result (its YNNPACK kernels take only the
+  latter); every backend accumulates in float32 either way, so asking for the float32 result and
+  rounding once gives the same numbers. ``∂L/∂W`` stays float32 for float32 master weights
+  (autodiff would round it to bf16 first, then widen it).
+- **the weight gradient's transpose (CPU only).** That dot contracts over tokens, the major axis
+  of both operands, so one operand must be transposed. In float32, XLA transposes ``g`` and
+  fuses the transpose into the elementwise op that produced it (e.g. the SwiGLU's gradient),
   whose loop then writes one element at a time (11 ms instead of about 1 ms for the tiny
-  preset's ``[1536, 640]`` gradient). An optimization barrier on ``g`` keeps the producer and
-  the transpose apart. Other backends transpose inside the matmul, so there it is left out.
+  preset's ``[1536, 640]`` gradient): an optimization barrier on ``g`` keeps them apart. In
+  bf16, XLA:CPU runs a dot whose left operand contracts its major axis in float32 (operands
+  upcast, half the speed), and folds any visible transpose into the dot: ``x`` is transposed
+  by a gather instead, and the dot runs on bf16 row-major operands (SmolLM2 shape: 4.8 → 4.1 s
+  per step). Other backends transpose inside their matmuls; there the plain dot is emitted.
 
 Values and gradients equal the plain formulation's within float32 rounding
 (tests/test_matmul.py).
@@ -34,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 _F32 = jnp.float32
+_NN = (((1,), (0,)), ((), ()))  # [m, k]·[k, n]
 
 
 def _separate_transposes() -> bool:
@@ -78,24 +84,44 @@ def _linear_bwd(transposed, out_dtype, residuals, g):
     if isinstance(g, jax.custom_derivatives.SymbolicZero):
         return None, None
     g = g.astype(x.dtype)
-    if _separate_transposes() and w_perturbed:
-        g = jax.lax.optimization_barrier(g)
-    _, w_out = _w_axes(transposed)
     dx = None
     if x_perturbed:
+        _, w_out = _w_axes(transposed)
         dims = (((g.ndim - 1,), (w_out,)), ((), ()))
         dx = jax.lax.dot_general(g, w.astype(x.dtype), dims, preferred_element_type=_F32)
         dx = dx.astype(x.dtype)
     if not w_perturbed:
         return dx, None
+    return dx, _weight_gradient(x, g, transposed).astype(w.dtype)
+
+
+def _weight_gradient(x: jax.Array, g: jax.Array, transposed: bool) -> jax.Array:
+    """``Σ_tokens xᵀ·g`` in float32: ``[d, f]``, or ``[f, d]`` for a ``transposed`` weight."""
     tokens_x = x.reshape(-1, x.shape[-1])
     tokens_g = g.reshape(-1, g.shape[-1])
+    if _separate_transposes() and x.dtype != _F32:
+        # XLA:CPU runs a low-precision dot whose left operand contracts its major axis in
+        # float32, and folds any transpose it can see into the dot: a gather transposes x
+        in_by_out = jax.lax.dot_general(
+            _gather_transpose(tokens_x), tokens_g, _NN, preferred_element_type=_F32
+        )
+        return jax.lax.optimization_barrier(in_by_out).T if transposed else in_by_out
+    if _separate_transposes():
+        tokens_g = jax.lax.optimization_barrier(tokens_g)
     contract_tokens = (((0,), (0,)), ((), ()))
-    if transposed:  # [f, d]
-        dw = jax.lax.dot_general(tokens_g, tokens_x, contract_tokens, preferred_element_type=_F32)
-    else:  # [d, f]
-        dw = jax.lax.dot_general(tokens_x, tokens_g, contract_tokens, preferred_element_type=_F32)
-    return dx, dw.astype(w.dtype)
+    if transposed:
+        return jax.lax.dot_general(tokens_g, tokens_x, contract_tokens, preferred_element_type=_F32)
+    return jax.lax.dot_general(tokens_x, tokens_g, contract_tokens, preferred_element_type=_F32)
+
+
+def _gather_transpose(a: jax.Array) -> jax.Array:
+    """``aᵀ`` for ``a [n, d]``, made by a gather (element ``(i, j)`` of the result is element
+    ``j·d + i`` of ``a`` flattened), which XLA does not fold into a consuming dot."""
+    n, d = a.shape
+    rows = jax.lax.broadcasted_iota(jnp.int32, (d, n), 1)
+    cols = jax.lax.broadcasted_iota(jnp.int32, (d, n), 0)
+    flat = jnp.take(a.reshape(-1), (rows * d + cols).reshape(-1), mode="clip", unique_indices=True)
+    return flat.reshape(d, n)
 
 
 _linear.defvjp(_linear_fwd, _linear_bwd, symbolic_zeros=True)
