@@ -99,7 +99,7 @@ def _weight_gradient(x: jax.Array, g: jax.Array, transposed: bool) -> jax.Array:
     """``Σ_tokens xᵀ·g`` in float32: ``[d, f]``, or ``[f, d]`` for a ``transposed`` weight."""
     tokens_x = x.reshape(-1, x.shape[-1])
     tokens_g = g.reshape(-1, g.shape[-1])
-    if _separate_transposes() and x.dtype != _F32:
+    if _separate_transposes() and _gather_for(x.dtype):
         # XLA:CPU runs a low-precision dot whose left operand contracts its major axis in
         # float32, and folds any transpose it can see into the dot: a gather transposes x
         in_by_out = jax.lax.dot_general(
@@ -112,6 +112,12 @@ def _weight_gradient(x: jax.Array, g: jax.Array, transposed: bool) -> jax.Array:
     if transposed:
         return jax.lax.dot_general(tokens_g, tokens_x, contract_tokens, preferred_element_type=_F32)
     return jax.lax.dot_general(tokens_x, tokens_g, contract_tokens, preferred_element_type=_F32)
+
+
+def _gather_for(dtype) -> bool:
+    """Whether the CPU weight gradient transposes ``x`` by a gather: for low-precision compute
+    (float32 dots are not upcast, and the gather measured no faster there)."""
+    return jnp.dtype(dtype) != _F32
 
 
 def _gather_transpose(a: jax.Array) -> jax.Array:
