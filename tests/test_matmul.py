@@ -15,7 +15,7 @@ from flax import nnx
 from jaxcl.models import from_pretrained, matmul
 from jaxcl.models.hf import param_map
 from jaxcl.models.llama import apply_rope, rope_tables
-from jaxcl.models.matmul import linear
+from jaxcl.models.matmul import linear, swiglu
 
 
 def _arrays(*shapes, seed=0):
@@ -143,6 +143,35 @@ def test_linear_forms_no_weight_gradient_for_a_frozen_weight():
     assert (2, 8, 16) in _dot_shapes(x_only.jaxpr)  # ∂x
     both = jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(linear(x, w) ** 2), (0, 1)))(x, w)
     assert (16, 24) in _dot_shapes(both.jaxpr)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_swiglu_value_and_gradient_match_numpy_float64(dtype):
+    """``silu(gate)·up`` and its two gradients against float64 numpy (the derivative of
+    ``x·σ(x)`` is ``σ(x)(1 + x(1 − σ(x)))``, checked here by central differences)."""
+    gate, up, g = _arrays((3, 7, 20), (3, 7, 20), (3, 7, 20), seed=6)
+    gate, up, g = gate * 3, up * 2, g
+    gd, ud = jnp.asarray(gate, dtype), jnp.asarray(up, dtype)
+    y, pullback = jax.vjp(swiglu, gd, ud)
+    d_gate, d_up = pullback(jnp.asarray(g, dtype))
+    g64, u64 = np.asarray(gd, np.float64), np.asarray(ud, np.float64)
+
+    def silu(x):
+        return x / (1.0 + np.exp(-x))
+
+    eps = 1e-6
+    dsilu = (silu(g64 + eps) - silu(g64 - eps)) / (2 * eps)
+    gr = np.asarray(jnp.asarray(g, dtype), np.float64)
+    tol = 1e-5 if dtype == jnp.float32 else 2**-7
+    for got, want in (
+        (y, silu(g64) * u64),
+        (d_up, gr * silu(g64)),
+        (d_gate, gr * u64 * dsilu),
+    ):
+        assert got.dtype == dtype
+        np.testing.assert_allclose(
+            np.asarray(got, np.float64), want, rtol=0, atol=tol * np.abs(want).max()
+        )
 
 
 def _numpy_rope(x, cos, sin):

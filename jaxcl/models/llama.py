@@ -22,7 +22,7 @@ from flax import nnx
 
 from jaxcl.models.attention import SegmentMask, causal_attention
 from jaxcl.models.config import ModelConfig
-from jaxcl.models.matmul import linear
+from jaxcl.models.matmul import linear, swiglu
 
 Cache = dict[str, jax.Array]
 # A stable index per projection, to fold into the LoRA dropout key.
@@ -222,7 +222,7 @@ class SwiGLU(_Projections):
         demix = getattr(self, "demix", None)  # DEMix domain experts (jaxcl.models.demix)
         if demix is not None:
             return demix(x)
-        hidden = jax.nn.silu(self.project(x, "gate", rng)) * self.project(x, "up", rng)
+        hidden = swiglu(self.project(x, "gate", rng), self.project(x, "up", rng))
         return self.project(hidden, "down", rng)
 
 

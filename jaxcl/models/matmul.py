@@ -131,3 +131,32 @@ def _gather_transpose(a: jax.Array) -> jax.Array:
 
 
 _linear.defvjp(_linear_fwd, _linear_bwd, symbolic_zeros=True)
+
+
+@jax.custom_vjp
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """``silu(gate) ⊙ up = gate·σ(gate)·up``, computed in float32 and returned in ``gate``'s
+    dtype. Its backward pass keeps only ``gate`` and ``up`` and recomputes ``σ(gate)``:
+
+        ∂up = g·gate·σ(gate),   ∂gate = g·up·σ(gate)·(1 + gate·(1 − σ(gate)))
+
+    (autodiff of ``jax.nn.silu(gate) * up`` keeps four ``[tokens, mlp]`` arrays from the forward
+    to the backward pass, 6 per layer with the projections': 1.1 GiB at the SmolLM2 shape)."""
+    g32 = gate.astype(_F32)
+    return (g32 * jax.nn.sigmoid(g32) * up.astype(_F32)).astype(gate.dtype)
+
+
+def _swiglu_fwd(gate, up):
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(residuals, g):
+    gate, up = residuals
+    g32, gate32, up32 = g.astype(_F32), gate.astype(_F32), up.astype(_F32)
+    sig = jax.nn.sigmoid(gate32)
+    d_up = g32 * gate32 * sig
+    d_gate = g32 * up32 * sig * (1.0 + gate32 * (1.0 - sig))
+    return d_gate.astype(gate.dtype), d_up.astype(up.dtype)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
