@@ -570,9 +570,10 @@ BENCH_LOAD_MICRO = {"--batch": "1", "--seq": "16", "--steps": "1"}
 
 def _bench(cmd, args, env, ws):
     """The test-micro shape, one step; --load keeps its source at one tiny forward; --boundary
-    times the estimates on the test-micro shape."""
+    times the estimates on the test-micro shape; --memory adds the peak-memory column."""
     flags = [a for a in args if a == "--boundary"]
-    args = [a for a in args if a != "--boundary"]
+    memory = [a for a in args if a == "--memory"]
+    args = [a for a in args if a not in ("--boundary", "--memory")]
     options = dict(zip(args[::2], args[1::2]))
     if len(args) % 2 or any(not k.startswith("--") for k in options):
         cmd.fail("expected --option value pairs")
@@ -580,11 +581,13 @@ def _bench(cmd, args, env, ws):
     settings = {k: v for k, v in options.items() if k != "--method"}
     settings |= BENCH_LOAD_MICRO if "--load" in settings else BENCH_MICRO
     argv = [w for k, v in settings.items() for w in (k, v)]
-    argv += [w for m in methods for w in ("--method", m)] + flags
+    argv += [w for m in methods for w in ("--method", m)] + flags + memory
 
     def check(out):
         if flags:
             return "" if "s / 1,000 examples" in out else "no boundary figures"
+        if memory and "peak memory GiB" not in out:
+            return "no peak-memory column"
         if "--load" in settings:
             return "" if "forward_tokens_per_s" in out else "no load figures"
         rows = ["jaxcl adamw", *(f"jaxcl adamw + {m.split(':')[0]}" for m in methods)]
