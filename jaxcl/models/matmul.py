@@ -116,8 +116,9 @@ def _weight_gradient(x: jax.Array, g: jax.Array, transposed: bool) -> jax.Array:
 
 def _gather_for(dtype) -> bool:
     """Whether the CPU weight gradient transposes ``x`` by a gather: for low-precision compute
-    (float32 dots are not upcast, and the gather measured no faster there)."""
-    return jnp.dtype(dtype) != _F32
+    (float32 dots are not upcast, and the gather measured no faster there) on one device (a
+    gather over the flattened tokens of a sharded ``x`` would gather them all to every device)."""
+    return jnp.dtype(dtype) != _F32 and jax.device_count() == 1
 
 
 def _gather_transpose(a: jax.Array) -> jax.Array:
