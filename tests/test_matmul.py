@@ -59,6 +59,8 @@ def backend_path(request, monkeypatch):
     plain transposed dot other backends get."""
     if request.param == "other":
         monkeypatch.setattr(matmul, "_separate_transposes", lambda: False)
+    else:  # this process's one CPU device takes the gather path in bf16
+        assert matmul._separate_transposes() and matmul._gather_for(jnp.bfloat16)
     return request.param
 
 
