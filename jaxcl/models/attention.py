@@ -50,6 +50,7 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 FIELD = "model.attention"
 SPLASH_BLOCKS = (512, 256, 128)  # kv/q block sizes tried, largest dividing the sequence first
 _HALF = ("bfloat16", "float16")
+_F32 = jnp.float32
 
 
 class AttentionUnsupportedError(ValueError):
@@ -348,9 +349,7 @@ def _probs(q, k, allowed) -> tuple[jax.Array, jax.Array]:
 @jax.custom_vjp
 def _attend(q, k, v, allowed):
     """``softmax(q·kᵀ/√H | allowed)·v`` head-major: ``q [B,K,G,T,H]``, ``k, v [B,K,S,H]``."""
-    probs, _ = _probs(q, k, allowed)
-    out = jnp.einsum("bkgts,bksh->bkgth", probs.astype(v.dtype), v, preferred_element_type=_F32)
-    return out.astype(v.dtype)
+    return _attend_fwd(q, k, v, allowed)[0]
 
 
 def _attend_fwd(q, k, v, allowed):
@@ -380,7 +379,6 @@ def _attend_bwd(residuals, g):
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
-_F32 = jnp.float32
 
 
 # jax.nn.dot_product_attention's masked logit (jax._src.nn.functions._get_large_negative)
