@@ -32,18 +32,13 @@ def _numpy_linear_grads(x, w, g):
     return y, dx, dw
 
 
-def _vjp(fn, *args):
-    y, pullback = jax.vjp(fn, *args)
-    return y, pullback
-
-
 @pytest.mark.parametrize("transposed", [False, True])
 def test_linear_float32_matches_numpy_float64(transposed):
     """``x·w`` and, ``transposed`` (a tied output head), ``x·wᵀ`` with ``w [f, d]``."""
     x, w, g = _arrays((3, 17, 24), (24, 40), (3, 17, 40))
     stored = w.T.copy() if transposed else w
     fn = jax.jit(lambda x, w: linear(x, w, transposed=transposed))
-    y, pullback = _vjp(fn, jnp.asarray(x), jnp.asarray(stored))
+    y, pullback = jax.vjp(fn, jnp.asarray(x), jnp.asarray(stored))
     dx, dw = pullback(jnp.asarray(g))
     want_y, want_dx, want_dw = _numpy_linear_grads(x, w, g)
     if transposed:
@@ -86,7 +81,7 @@ def test_linear_bf16_rounds_once_and_keeps_a_float32_weight_gradient():
     ``x @ w.astype(bf16)``, which rounds it to bf16 first."""
     x, w, g = _arrays((4, 32, 64), (64, 48), (4, 32, 48), seed=1)
     xb, gb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(g, jnp.bfloat16)
-    y, pullback = _vjp(linear, xb, jnp.asarray(w))
+    y, pullback = jax.vjp(linear, xb, jnp.asarray(w))
     dx, dw = pullback(gb)
     x_r, g_r = np.asarray(xb, np.float32), np.asarray(gb, np.float32)
     w_r = np.asarray(jnp.asarray(w, jnp.bfloat16), np.float32)

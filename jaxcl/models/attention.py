@@ -340,7 +340,7 @@ def _probs(q, k, allowed) -> tuple[jax.Array, jax.Array]:
     sees them."""
     logits = jnp.einsum("bkgth,bksh->bkgts", q, k, preferred_element_type=jnp.float32)
     logits = jnp.where(allowed, logits * jnp.float32(q.shape[-1] ** -0.5), _LARGE_NEGATIVE)
-    peak = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    peak = jnp.max(logits, axis=-1, keepdims=True)
     unnormalized = jnp.exp(logits - peak)
     total = jnp.sum(unnormalized, axis=-1, keepdims=True)
     return unnormalized / total, (peak + jnp.log(total))[..., 0]
