@@ -28,7 +28,16 @@ def spy(ctx, stage, params, parent, cursor=None):
     seen[stage.name] = [str(gate.sharding.spec), len(gate.sharding.device_set)]
     return original(ctx, stage, params, parent, cursor)
 runner.run_stage = spy
+from jaxcl.models import attention
+describe = attention.describe
+calls = set()
+def spy_attention(*args, **kwargs):
+    call = describe(*args, **kwargs)
+    calls.add((call.mesh, call.devices))
+    return call
+attention.describe = spy_attention
 results = runner.run_recipe(recipe)
+seen["attention"] = sorted(calls)
 print("SHARDING" + json.dumps(seen))
 """
 
@@ -64,6 +73,9 @@ def test_eight_device_mesh_matches_one_device(tmp_path):
     # embed -> fsdp, mlp -> tensor: the gate kernel is split 2×2 over the 8-device mesh.
     assert sharding["cpt"] == ["P('fsdp', 'tensor')", 8]
     assert sharding["cit"] == sharding["align"] == sharding["cpt"]  # restored onto the mesh
+    # the train step's attention is traced with the mesh in context (splash's shard_map needs
+    # it); evaluation passes are traced without it
+    assert sharding["attention"] == [[False, 8], [True, 8]]
     for a, b in zip(single["stages"], multi["stages"]):
         np.testing.assert_allclose(a["baseline"], b["baseline"], rtol=1e-3)
         np.testing.assert_allclose(a["R"], b["R"], rtol=2e-2, atol=2e-2)

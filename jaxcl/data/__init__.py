@@ -1,36 +1,46 @@
-"""Data: sources, encoding and Grain pipelines, packing, replay as data ops, benchmarks."""
+"""Data: sources, encoding and Grain pipelines, packing, replay as data ops, benchmarks.
 
-from jaxcl.data.distributed import global_batch, process_shard
-from jaxcl.data.packing import pack_examples, packing_efficiency
-from jaxcl.data.pipeline import ReplayMix, batched_stream, encode_all, encode_example, eval_batches
-from jaxcl.data.replay import (
-    RatioScheduleSpec,
-    ReplayBuffer,
-    common_prefix,
-    make_generate_fn,
-    pseudo_replay,
-    ratio_schedule,
-)
-from jaxcl.data.sources import ExampleSource, FieldMap
-from jaxcl.data.throughput import pipeline_throughput
+The names below load their module on first use (PEP 562), so code that needs one piece (a
+replay buffer, packing) does not import Grain with it."""
 
-__all__ = [
-    "ExampleSource",
-    "FieldMap",
-    "RatioScheduleSpec",
-    "ReplayBuffer",
-    "ReplayMix",
-    "batched_stream",
-    "common_prefix",
-    "encode_all",
-    "encode_example",
-    "eval_batches",
-    "global_batch",
-    "make_generate_fn",
-    "pack_examples",
-    "packing_efficiency",
-    "pipeline_throughput",
-    "process_shard",
-    "pseudo_replay",
-    "ratio_schedule",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: public name -> the submodule that defines it
+_SOURCES = {
+    "global_batch": "distributed",
+    "process_shard": "distributed",
+    "pack_examples": "packing",
+    "packing_efficiency": "packing",
+    "ReplayMix": "pipeline",
+    "batched_stream": "pipeline",
+    "encode_all": "pipeline",
+    "encode_example": "pipeline",
+    "eval_batches": "pipeline",
+    "RatioScheduleSpec": "replay",
+    "ReplayBuffer": "replay",
+    "common_prefix": "replay",
+    "make_generate_fn": "replay",
+    "pseudo_replay": "replay",
+    "ratio_schedule": "replay",
+    "ExampleSource": "sources",
+    "FieldMap": "sources",
+    "pipeline_throughput": "throughput",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _SOURCES:
+        raise AttributeError(f"module 'jaxcl.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"jaxcl.data.{_SOURCES[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_SOURCES))
+
+
+__all__ = sorted(_SOURCES)

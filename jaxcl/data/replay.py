@@ -30,9 +30,8 @@ import math
 import re
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import grain
 import numpy as np
 from pydantic import Field
 
@@ -41,6 +40,9 @@ from jaxcl.data.pseudo import common_prefix as common_prefix
 from jaxcl.data.pseudo import make_generate_fn as make_generate_fn
 from jaxcl.data.pseudo import pseudo_replay as pseudo_replay
 from jaxcl.spec import Strict
+
+if TYPE_CHECKING:  # Grain loads when a dataset is asked for, not with the buffer
+    import grain
 
 QUOTAS = ("equal", "proportional", "inscl")
 _DIM = 512
@@ -266,6 +268,8 @@ class ReplayBuffer:
 
     def dataset(self) -> grain.MapDataset:
         """The stored examples as a Grain ``MapDataset`` (task order, then slot order)."""
+        import grain
+
         return grain.MapDataset.source(self.examples())
 
     # -- checkpointing ------------------------------------------------------------------------

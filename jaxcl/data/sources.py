@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grain
 import numpy as np
 
 from jaxcl.data.tokenize import check_messages
@@ -657,8 +656,9 @@ def normalize(record: Any, kind: str, fm: FieldMap, where: str) -> dict[str, Any
     return row
 
 
-class ExampleSource(grain.sources.RandomAccessDataSource):
-    """Canonical examples of one kind over a reader; feed it to ``grain.MapDataset.source``."""
+class ExampleSource:
+    """Canonical examples of one kind over a reader; feed it to ``grain.MapDataset.source``
+    (it meets Grain's ``RandomAccessDataSource`` protocol: ``len``, ``[i]`` and ``repr``)."""
 
     def __init__(self, reader: Any, kind: str, fields: FieldMap | None = None) -> None:
         if kind not in CANONICAL:

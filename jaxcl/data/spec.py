@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import grain
 import numpy as np
 import pydantic
 from pydantic import Field
+
+if TYPE_CHECKING:  # Grain loads when a dataset is asked for
+    import grain
 
 from jaxcl.data.benchmarks import BUNDLED, generate, kind_of
 from jaxcl.data.layouts import read_lima, read_olora, read_superni, read_trace
@@ -413,6 +415,8 @@ class DataSpec(Strict):
 
     def dataset(self, split: str) -> grain.MapDataset:
         """The examples of ``split`` as a Grain ``MapDataset`` (lazy for file sources)."""
+        import grain
+
         if self.bundled is None and self.source.has_split("eval"):  # type: ignore[union-attr]
             ds = grain.MapDataset.source(self.source.source(split))  # type: ignore[union-attr]
             cap = "train_size" if split == "train" else "eval_size"

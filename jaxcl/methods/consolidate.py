@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
+
+from jaxcl.methods.storage import cast_buffers, keep_dtypes
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,7 @@ def consolidate(opt_state: optax.OptState, *, params: optax.Params, **estimates:
       **estimates: what the transforms need, e.g. ``fisher=`` from :func:`fisher_diagonal`.
 
     Returns:
-      A new optimizer state of the same structure.
+      A new optimizer state of the same structure, each refreshed buffer in the dtype it had.
     """
     for node in _registered_nodes(opt_state):
         entry = _REGISTRY[type(node)]
@@ -77,6 +80,10 @@ def consolidate(opt_state: optax.OptState, *, params: optax.Params, **estimates:
 
     def refresh(node: Any) -> Any:
         entry = _REGISTRY.get(type(node))
-        return entry.refresh(node, params=params, **estimates) if entry else node
+        if entry is None:
+            return node
+        # estimates are folded in float32 and stored as the state was (a declared buffer_dtype)
+        refreshed = entry.refresh(cast_buffers(node, jnp.float32), params=params, **estimates)
+        return keep_dtypes(refreshed, node)
 
     return jax.tree.map(refresh, opt_state, is_leaf=lambda x: type(x) in _REGISTRY)

@@ -34,6 +34,7 @@ from jaxcl.methods.activations import OTHER, ROWS, TRANSPOSED, activation_covari
 from jaxcl.methods.compose import Behind, Front, Position, behind, front
 from jaxcl.methods.consolidate import register_consolidator
 from jaxcl.methods.protocol import Carry, Context, MethodSpecBase, output_fn
+from jaxcl.methods.storage import ORTHONORMAL_BASIS
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +278,8 @@ def _path_select(include: str | None, exclude: str | None) -> Callable[[str, Any
 
 class GpmSpec(MethodSpecBase):
     name: Literal["gpm"]
+    buffer_dtypes: ClassVar[tuple[str, ...]] = ("float32",)
+    buffer_dtype_reason: ClassVar[str] = ORTHONORMAL_BASIS
     position: ClassVar[Position] = "behind"
     describes_weights: ClassVar[bool] = True
     threshold: float = Field(0.97, gt=0, le=1, description="energy fraction ε kept per task")

@@ -33,6 +33,7 @@ from jaxcl.methods.compose import Behind, Front, Position, behind, front
 from jaxcl.methods.consolidate import register_consolidator
 from jaxcl.methods.memory import remember_task
 from jaxcl.methods.protocol import Carry, Context, Hook, MethodSpecBase
+from jaxcl.methods.storage import ORTHONORMAL_BASIS
 
 #: ``"update"``: project AdamW's final update (behind it); ``"gradient"``: the raw gradient
 #: (in front of it, the papers' form)
@@ -484,6 +485,8 @@ class AgemSpec(MethodSpecBase):
 
 class OgdSpec(MethodSpecBase):
     name: Literal["ogd"]
+    buffer_dtypes: ClassVar[tuple[str, ...]] = ("float32",)
+    buffer_dtype_reason: ClassVar[str] = ORTHONORMAL_BASIS
     describes_weights: ClassVar[bool] = True
     max_directions: int = Field(
         32, ge=1, description="basis size over all tasks (float32 copies of the trained leaves)"

@@ -31,8 +31,10 @@ from typing import Any, ClassVar, Literal, NamedTuple
 
 import jax
 import optax
+from pydantic import Field, model_validator
 
 from jaxcl.methods.compose import Position
+from jaxcl.methods.storage import BUFFER_DTYPES
 from jaxcl.objectives.bound import row_inputs
 from jaxcl.spec import Strict
 
@@ -170,6 +172,15 @@ class MethodSpecBase(Strict):
     and list it in :data:`jaxcl.methods.specs.METHOD_SPECS` and its union."""
 
     name: str
+    buffer_dtype: Literal["float32", "bfloat16"] | None = Field(
+        None,
+        description="dtype the method's buffers (anchors, importances, masks) are stored in "
+        "between steps; its arithmetic runs in its own dtypes (None: those)",
+    )
+    #: the storage dtypes ``buffer_dtype`` may name for this method
+    buffer_dtypes: ClassVar[tuple[str, ...]] = BUFFER_DTYPES
+    #: why a storage dtype is refused (said in the error)
+    buffer_dtype_reason: ClassVar[str] = ""
     #: where the transform stands: in front of the base optimizer (gradients) or behind it
     position: ClassVar[Position] = "front"
     #: whether its state describes the trained tree itself (anchors, importances, bases, masks):
@@ -180,6 +191,16 @@ class MethodSpecBase(Strict):
     needs_full_weights: ClassVar[bool] = False
     #: the stage kinds (``pretrain``, ``instruct``, ``align``) it serves; None: every kind
     stage_kinds: ClassVar[tuple[str, ...] | None] = None
+
+    @model_validator(mode="after")
+    def _storable(self) -> MethodSpecBase:
+        if self.buffer_dtype is not None and self.buffer_dtype not in self.buffer_dtypes:
+            raise ValueError(
+                f"buffer_dtype {self.buffer_dtype!r}: {self.name} keeps its buffers in "
+                f"{' or '.join(self.buffer_dtypes)} only"
+                + (f" ({self.buffer_dtype_reason})" if self.buffer_dtype_reason else "")
+            )
+        return self
 
     def place(self) -> Position:
         """Where the transform stands (an option may move it; default: :attr:`position`)."""

@@ -38,6 +38,7 @@ from jaxcl.methods.regularize import EwcSpec, L2AnchorSpec, MasSpec, RecAdamSpec
 from jaxcl.methods.sapt import SaptSpec
 from jaxcl.methods.softmask import SoftMaskSpec
 from jaxcl.methods.ssr import SsrSpec
+from jaxcl.methods.storage import stored_as
 from jaxcl.methods.weights import AverageSpec, ElasticResetSpec, EmaSpec, TaskArithmeticSpec
 
 METHOD_SPECS: tuple[type[MethodSpecBase], ...] = (
@@ -196,12 +197,20 @@ def compile_methods(
     weight_decay: float = 0.0,
 ) -> CompiledMethods:
     """Validate ``methods`` and place each transform on its side of the base optimizer, in
-    recipe order except that those in ``FIRST`` move first and masks (``LAST``) last."""
+    recipe order except that those in ``FIRST`` move first and masks (``LAST``) last; a method
+    with a ``buffer_dtype`` keeps its buffers in it (:func:`~jaxcl.methods.storage.stored_as`)."""
     validate_methods(methods)
     ordered = sorted(methods, key=lambda m: 0 if m.name in FIRST else 2 if m.name in LAST else 1)
     front, behind = [], []
     for m in ordered:
         tx = m.transform(learning_rate=learning_rate, weight_decay=weight_decay)
+        if m.buffer_dtype is not None:
+            if tx is None:
+                raise ValueError(
+                    f"method {m.name!r}: buffer_dtype is set, but {m.name} keeps no buffers in "
+                    "the optimizer state; drop buffer_dtype"
+                )
+            tx = stored_as(tx, m.buffer_dtype, m.name)
         if tx is not None:
             (front if m.place() == "front" else behind).append(tx)
     return CompiledMethods(

@@ -41,6 +41,7 @@ from jaxcl.methods.protocol import (
     run_hooks,
     run_step_hooks,
 )
+from jaxcl.methods.storage import keep_dtypes
 from jaxcl.objectives.reference import (
     annotate_reference_logps,
     make_pair_logps_fn,
@@ -263,8 +264,10 @@ class StageRun:
         self.cursor.state = self.placed(state)
 
     def placed(self, state: TrainState) -> TrainState:
-        """``state`` on the shardings the step was compiled for: what a hook or a consolidate
-        computed outside the step (an estimate, a prune) may come back laid out otherwise."""
+        """``state`` on the shardings and in the dtypes the step was compiled for: what a hook
+        or a consolidate computed outside the step (an estimate, a prune) may come back laid
+        out otherwise, or in float32 where a ``buffer_dtype`` stores it narrower."""
+        state = keep_dtypes(state, self.cursor.state)
         return jax.device_put(state, self.program.shardings)
 
     def seed(self, t: int) -> int:

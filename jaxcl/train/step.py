@@ -122,12 +122,30 @@ def make_train_step(
     memory_sharding = None
     if memory_grads:
         memory_sharding = per_task_sharding(batch_sharding) if memory_per_task else batch_sharding
-    return jax.jit(
+    jitted = jax.jit(
         step,
         in_shardings=(state_shardings, batch_sharding, frozen_shardings, memory_sharding),
         out_shardings=(state_shardings, state_shardings.step),  # metrics: replicated
         donate_argnums=0,
     )
+    return traced_under_mesh(jitted, batch_sharding.mesh)
+
+
+def traced_under_mesh(jitted: Callable, mesh: Any) -> Callable:
+    """``jitted`` called (and so traced) with ``mesh`` in context (``jax.set_mesh``): a kernel
+    that runs under ``shard_map`` (splash attention) needs the mesh while it is traced. The
+    wrapper keeps ``lower`` for ahead-of-time compilation."""
+
+    def call(*args: Any) -> Any:
+        with jax.set_mesh(mesh):
+            return jitted(*args)
+
+    def lower(*args: Any) -> Any:
+        with jax.set_mesh(mesh):
+            return jitted.lower(*args)
+
+    call.lower = lower  # type: ignore[attr-defined]
+    return call
 
 
 def cast_floats(tree: Any, dtype: Any) -> Any:
