@@ -44,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcl.models.matmul import in_backward
+
 log = logging.getLogger(__name__)
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
@@ -365,7 +367,7 @@ def _attend_bwd(residuals, g):
         P = exp(s − lse),  dV = Pᵀ·dO,  dP = dO·Vᵀ,  dS = P ⊙ (dP − Σ_S P ⊙ dP),
         dQ = dS·K/√H,  dK = dSᵀ·Q/√H.
     """
-    q, k, v, allowed, lse = residuals
+    (q, k, v, allowed, lse), g = in_backward(residuals, g)
     logits = jnp.einsum("bkgth,bksh->bkgts", q, k, preferred_element_type=_F32)
     logits = jnp.where(allowed, logits * jnp.float32(q.shape[-1] ** -0.5), _LARGE_NEGATIVE)
     probs = jnp.exp(logits - lse[..., None])

@@ -22,7 +22,7 @@ from flax import nnx
 
 from jaxcl.models.attention import SegmentMask, causal_attention
 from jaxcl.models.config import ModelConfig
-from jaxcl.models.matmul import linear, swiglu
+from jaxcl.models.matmul import linear, rms_norm, swiglu
 
 Cache = dict[str, jax.Array]
 # A stable index per projection, to fold into the LoRA dropout key.
@@ -61,7 +61,8 @@ def _zeros(shape: tuple[int, ...], names: tuple[str, ...], dtype):
 
 
 class RMSNorm(nnx.Module):
-    """``y = x / sqrt(mean(x²) + eps) * scale``, computed in float32."""
+    """``y = x / sqrt(mean(x²) + eps) * scale``, computed in float32
+    (:func:`~jaxcl.models.matmul.rms_norm`)."""
 
     def __init__(self, dim: int, eps: float, param_dtype) -> None:
         self.eps = eps
@@ -70,9 +71,7 @@ class RMSNorm(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+        return rms_norm(x, self.scale[...], self.eps)
 
 
 def rope_tables(

@@ -46,6 +46,33 @@ def _separate_transposes() -> bool:
     return jax.default_backend() == "cpu"
 
 
+def in_backward(residuals: Any, g: Any) -> tuple[Any, Any]:
+    """``(residuals, g)`` with, on CPU, each floating residual made to depend on ``g``: what a
+    backward rule derives from its residuals (a cast to the compute dtype, a transpose, a
+    recomputed softmax or sigmoid) then cannot run before the backward pass reaches the rule.
+
+    XLA:CPU otherwise merges such a value with the forward pass's identical one (its common
+    subexpression elimination) or schedules it as soon as its inputs exist, and keeps it alive
+    from the forward pass to the backward pass: at the SmolLM2 bench shape in bf16, the bf16
+    weight copies, the transposed layer inputs, each layer's float32 attention probabilities,
+    sigmoid and normalized input, about 1.2 GiB of the step's 1.9 GiB of temporaries. An
+    optimization barrier does not help: XLA:CPU removes barriers before those passes. The
+    dependency is an exact zero, ``0·g₀`` (``g₀`` one element of ``g``) added to each residual,
+    which the compiler cannot fold away (``0·x`` is not 0 for every float), and which changes
+    no value unless ``g`` holds an inf or a NaN, when every gradient is lost anyway."""
+    if not _separate_transposes():
+        return residuals, g
+    first = jax.tree.leaves(g)[0]
+    zero = jnp.ravel(first)[0].astype(_F32) * 0.0
+
+    def tie(r: Any) -> Any:
+        if isinstance(r, jax.Array) and jnp.issubdtype(r.dtype, jnp.floating):
+            return r + zero.astype(r.dtype)
+        return r
+
+    return jax.tree.map(tie, residuals), g
+
+
 def linear(
     x: jax.Array, w: jax.Array, *, transposed: bool = False, out_dtype: Any = None
 ) -> jax.Array:
@@ -83,6 +110,10 @@ def _linear_bwd(transposed, out_dtype, residuals, g):
     x, w, (x_perturbed, w_perturbed) = residuals
     if isinstance(g, jax.custom_derivatives.SymbolicZero):
         return None, None
+    # what this rule derives from x and w alone is derived here, not kept from the forward pass
+    (x_tied, w_tied), g = in_backward((x, w), g)
+    w = w_tied if w.dtype != x.dtype else w  # its compute-dtype copy
+    x = x_tied if _gather_for(x.dtype) else x  # its gathered transpose
     g = g.astype(x.dtype)
     dx = None
     if x_perturbed:
@@ -152,7 +183,7 @@ def _swiglu_fwd(gate, up):
 
 
 def _swiglu_bwd(residuals, g):
-    gate, up = residuals
+    (gate, up), g = in_backward(residuals, g)
     g32, gate32, up32 = g.astype(_F32), gate.astype(_F32), up.astype(_F32)
     sig = jax.nn.sigmoid(gate32)
     d_up = g32 * gate32 * sig
@@ -161,3 +192,35 @@ def _swiglu_bwd(residuals, g):
 
 
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """``y = x · r · scale`` with ``r = 1/sqrt(mean(x²) + eps)`` over the last axis, computed in
+    float32 and returned in ``x``'s dtype. Its backward pass keeps ``x`` (in its own dtype) and
+    ``r`` (one float32 per row) and recomputes ``n = x·r``:
+
+        ∂scale = Σ_rows g·n,   ∂x = r·(d − n·mean(d·n)),   d = g·scale
+
+    (autodiff keeps the float32 ``x`` and ``n``: two float32 ``[tokens, d]`` arrays per norm,
+    four times what bf16 compute keeps here)."""
+    return _rms_norm_fwd(x, scale, eps)[0]
+
+
+def _rms_norm_fwd(x, scale, eps):
+    x32 = x.astype(_F32)
+    r = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (x32 * r * scale.astype(_F32)).astype(x.dtype), (x, scale, r)
+
+
+def _rms_norm_bwd(eps, residuals, g):
+    del eps
+    (x, scale, r), g = in_backward(residuals, g)
+    n = x.astype(_F32) * r
+    d = g.astype(_F32) * scale.astype(_F32)
+    dx = r * (d - n * jnp.mean(d * n, axis=-1, keepdims=True))
+    d_scale = jnp.sum((g.astype(_F32) * n).reshape(-1, n.shape[-1]), axis=0)
+    return dx.astype(x.dtype), d_scale.astype(scale.dtype)
+
+
+rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
