@@ -100,25 +100,28 @@ def activation_bytes(
     tokens on one device (per micro-batch), for model config ``cfg``.
 
     Per layer the backward pass keeps (``s`` the compute dtype's bytes, ``h`` = head dim,
-    ``H``/``K`` query/key-value heads, ``F`` the MLP width): ``rows·seq·s·(4D + (2H + 4K)·h +
-    3F)`` plus the attention weights ``rows·H·seq²·(s + 4)`` (XLA's attention, the scores in
-    float32); with ``remat`` only each layer's input ``rows·seq·D·s`` is kept, plus one layer's
-    internals during its recomputation. The logits peak is four ``[rows, seq, V]`` float32
-    buffers (the logits, their softmax, their gradient and a temporary), or with chunked losses
-    three ``[rows, loss_chunk, V]`` buffers plus the hidden states the chunks read (the
-    coefficients measured on XLA CPU, docs/performance.md); each frozen tree
-    the objective reads (``trees − 1`` of them) adds its own logits and hidden states, without
-    gradient. Returns ``activations``, ``logits`` and ``logits_unchunked``.
+    ``H``/``K`` query/key-value heads, ``F`` the MLP width) ``rows·seq·s·(4D + (H + 2K)·h +
+    2F)``: the layer input and the normed inputs, q/k/v after rope, the attention output and
+    the gate and up projections (the backward rules recompute everything else from these,
+    ``jaxcl.models.matmul``). One layer's attention scores, probabilities and their gradient,
+    ``3·rows·H·seq²`` in float32, live at a time. With ``remat`` only each layer's input
+    ``rows·seq·D·s`` is kept, plus one layer's internals during its recomputation. The logits
+    peak is four ``[rows, seq, V]`` float32 buffers (the logits, their softmax, their gradient
+    and a temporary), or with chunked losses three ``[rows, loss_chunk, V]`` buffers plus the
+    hidden states the chunks read (the coefficients measured on XLA CPU, docs/performance.md);
+    each frozen tree the objective reads (``trees − 1`` of them) adds its own logits and hidden
+    states, without gradient. Returns ``activations``, ``logits`` and ``logits_unchunked``.
     """
     s = _itemsize(cfg.dtype)
     d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.resolved_head_dim
     h, k = cfg.num_heads, cfg.num_kv_heads
     tokens = rows * seq
-    inner = tokens * s * (5 * d + (2 * h + 4 * k) * hd + 4 * f) + rows * h * seq * seq * (s + 8)
+    kept = tokens * s * (4 * d + (h + 2 * k) * hd + 2 * f)  # per layer, until its backward
+    attention = 3 * rows * h * seq * seq * 4  # one layer's float32 scores at a time
     if cfg.remat:
-        layers = cfg.num_layers * tokens * d * s + inner
+        layers = cfg.num_layers * tokens * d * s + kept + attention
     else:
-        layers = cfg.num_layers * inner
+        layers = cfg.num_layers * kept + attention
     v = cfg.vocab_size
     whole = 4 * tokens * v * 4 + (trees - 1) * tokens * v * 4
     n = seq if chunk <= 0 or seq <= chunk else chunk
