@@ -263,6 +263,7 @@ class _Worker:
 
     def __init__(self, label: str, spec: dict[str, Any]) -> None:
         import jaxcl
+        from jaxcl.host import allocator_env
 
         self.label, self.spec, self.times = label, spec, []
         self.stats: dict[str, Any] = {}
@@ -273,6 +274,7 @@ class _Worker:
         )
         # rows share the accelerator: no process grabs most of its memory up front
         env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        env = allocator_env(env)  # every row, torch's too: one host allocator for all
         self.stderr = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "jaxcl.bench_worker", json.dumps(spec)],

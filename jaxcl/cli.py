@@ -388,5 +388,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def console_main() -> int:
+    """The ``jaxcl`` command: :func:`main` in a process under jaxcl's host allocator settings
+    (:mod:`jaxcl.host`), re-executed once to get them."""
+    from jaxcl.host import reexec_with_allocator
+
+    reexec_with_allocator(sys.argv[1:])
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())
