@@ -7,6 +7,7 @@ message naming the culprit.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -394,7 +395,11 @@ def console_main() -> int:
     from jaxcl.host import reexec_with_allocator
 
     reexec_with_allocator(sys.argv[1:])
-    return main()
+    try:
+        return main()
+    except BrokenPipeError:  # `jaxcl methods | head`: the reader left before the end
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 0
 
 
 if __name__ == "__main__":

@@ -63,3 +63,18 @@ def test_another_recipes_run_folder_is_not_overwritten(tmp_path, capsys):
     code = main(["run", str(ROOT / "recipes/quickstart.yaml"), f"out_dir={tmp_path}"])
     assert code == 2 and "--overwrite" in capsys.readouterr().err
     assert (tmp_path / "checkpoints").exists()
+
+
+def test_output_piped_into_a_reader_that_stops_early_is_no_error():
+    """``jaxcl methods | head -1``: the reader closes the pipe after one line."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jaxcl.cli", "methods"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        bufsize=0,
+    )
+    first = proc.stdout.read(64)
+    proc.stdout.close()  # the reader leaves; the catalog is longer than the pipe buffer wants
+    assert proc.wait(timeout=120) == 0
+    stderr = proc.stderr.read().decode()
+    assert first and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
