@@ -90,6 +90,17 @@ class _SettlingLoop(asyncio.SelectorEventLoop):
                     task.exception()
         super().close()
 
+    def call_soon_threadsafe(self, callback, *args, context=None):  # type: ignore[no-untyped-def]
+        """A read of an abandoned restore that finishes on TensorStore's thread after the close
+        has nobody left to tell: its callback is dropped instead of raising "Event loop is
+        closed" on that thread."""
+        try:
+            return super().call_soon_threadsafe(callback, *args, context=context)
+        except RuntimeError:
+            if self.is_closed():
+                return None
+            raise
+
 
 def _quiet_abandoned(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
     """The loops' exception handler: a read that failed after the restore had already failed
