@@ -14,13 +14,13 @@ each command line of stdin with one JSON line:
 jaxcl's step is compiled ahead of time from the shapes alone (``jit(...).lower(...).compile()``,
 as MaxText's ``train_compile`` does) before its parameters and optimizer state are allocated;
 then JAX's tracing and lowering caches are cleared (the compiled step is all that runs) and the
-freed heap is handed back (:func:`release_heap`). ``first_step_s`` counts that compilation.
+freed heap is handed back (:func:`jaxcl.host.release_heap`). ``first_step_s`` counts that
+compilation.
 The torch side imports neither jax nor jaxcl's model code, so its memory is torch's own.
 """
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import os
@@ -59,15 +59,6 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
-def release_heap() -> None:
-    """Return the C heap's free pages to the system (glibc ``malloc_trim``; elsewhere a no-op),
-    so memory the XLA compiler freed does not stay in this process's resident set."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 Step = tuple[Callable[[], None], Callable[[], tuple], float]
 
 
@@ -77,6 +68,7 @@ def _jaxcl_step(spec: dict[str, Any]) -> Step:
     from flax import nnx
 
     from jaxcl.bench import jaxcl_config, method_specs
+    from jaxcl.host import release_heap
     from jaxcl.models.llama import Decoder
     from jaxcl.objectives.bound import lm_objective
     from jaxcl.recipe import OptimizerSpec

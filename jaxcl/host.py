@@ -17,6 +17,7 @@ set in ``GLIBC_TUNABLES`` are kept and win.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -50,6 +51,14 @@ def allocator_env(env: Mapping[str, str]) -> dict[str, str]:
     if added:
         out["GLIBC_TUNABLES"] = ":".join(given + added)
     return out
+
+
+def release_heap() -> None:
+    """Return the C heap's free pages to the system now (glibc ``malloc_trim``, which the trim
+    threshold above does not limit; elsewhere a no-op): memory the XLA compiler freed then does
+    not stay in the resident set."""
+    if _glibc():
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def reexec_with_allocator(argv: Sequence[str]) -> None:
